@@ -1,0 +1,112 @@
+"""The error tree. Its shape decides what the engine does with a failure.
+
+    PipelineError
+    ├── ConfigError       a mistake in the config or command line: exit 2, no work done
+    ├── FatalError        the run cannot go on (store unreachable or in use,
+    │                     credentials rejected): stop at once, exit 3
+    └── StageError        one item failed inside a stage
+        ├── TransientError  worth retrying: timeout, dropped connection, 429, 5xx
+        └── PermanentError  never retried: corrupt PDF, HTTP 400; the document fails
+
+Stages translate library errors into these at their edge (`raise TransientError(...)
+from exc`); the engine looks at types only. Any other exception escaping a stage is
+a bug in that stage: its document fails with the traceback recorded, the run goes on.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "FatalError",
+    "PermanentError",
+    "PipelineError",
+    "StageError",
+    "TransientError",
+]
+
+
+class PipelineError(Exception):
+    """Base of every error the engine expects and knows how to report."""
+
+
+class ConfigError(PipelineError):
+    """A user mistake in the config: names the file, line, key and expectation.
+
+    Rendered as `pipeline.yaml:14: stages[2].pool.size: expected a positive
+    integer or "auto", got "many"`; the CLI prints it and exits 2.
+    """
+
+    def __init__(
+        self,
+        file: str,
+        key: str,
+        expected: str,
+        *,
+        line: int | None = None,
+        got: object = None,
+        show_got: bool = True,
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.key = key
+        self.expected = expected
+        where = f"{file}:{line}" if line is not None else file
+        text = f"{where}: {key}: expected {expected}" if key else f"{where}: expected {expected}"
+        if show_got:
+            text += f", got {_show(got)}"
+        super().__init__(text)
+
+
+class FatalError(PipelineError):
+    """The run cannot go on; retrying any document would fail the same way."""
+
+
+class StageError(PipelineError):
+    """One item failed in a stage.
+
+    `reason` is a short, bounded label for metrics and summaries ("http_429",
+    "timeout", "no_text"); the message is for people.
+    """
+
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class TransientError(StageError):
+    """Worth retrying: timeout, dropped connection, 408, 429, 5xx, garbled reply."""
+
+    reason = "transient"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        retry_after: float | None = None,
+        cool_pool: bool = False,
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after  # seconds, from the server's Retry-After
+        self.cool_pool = cool_pool  # a 429: the whole pool should wait, not one worker
+
+
+class PermanentError(StageError):
+    """Corrupt input, HTTP 400: the document fails, never retried.
+
+    When a batch of several items fails with this, the engine splits the batch to
+    find the item at fault, so only that item's document fails.
+    """
+
+    reason = "permanent"
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "nothing"
+    return repr(value)

@@ -1,0 +1,179 @@
+"""The contract between the engine and a stage.
+
+A stage sees items, never channels or pools: `process(items) -> items`. The engine
+decides where it runs (a worker process, a thread, a coroutine), how many copies
+run, how items are batched, retried and accounted to their documents.
+
+Items carry their document's key (the path relative to the source) and a plain
+dict of fields. Stages talk to each other only through those fields, so a new
+stage (say, one that adds a `title`) slots in with a YAML edit. The fields the
+shipped stages use:
+
+    source  -> {"path", "file" (absolute), "sha256"}
+    extract -> {"path", "sha256", "pages": [(page_number, text), ...]}
+    chunk   -> {"path", "sha256", "page", "chunk", "text"}   one item per chunk
+    embed   -> the chunk's fields plus "vector": list[float]
+    store   -> the items it stored, once the store acknowledged them
+
+Lifecycle: `open()` once per copy before any item (in the worker process for
+process pools), `close()` once at the end. A stage holding state about documents
+(a store) implements `discard(docs)` so the engine can remove a document's old
+output before re-indexing it or after it fails half-written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "REQUIRED",
+    "AsyncStage",
+    "Hit",
+    "Item",
+    "Param",
+    "ParamProblem",
+    "PoolKind",
+    "QueryEmbedder",
+    "Searcher",
+    "Stage",
+    "StageBase",
+]
+
+PoolKind = Literal["process", "thread", "async"]
+ParamType = Literal["int", "float", "str", "bool", "url", "env", "path"]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(slots=True)
+class Item:
+    """One unit of work: a document, a page set or a chunk, tagged with its document."""
+
+    doc: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One `with:` parameter: what the config loader checks and the JSON Schema shows.
+
+    `env` is the name of an environment variable (checked to be set, its value
+    never read by the loader); `path` resolves against the config file's folder.
+    """
+
+    type: ParamType
+    default: Any = REQUIRED
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ParamProblem:
+    """A cross-parameter mistake found by `StageBase.check`, e.g. overlap >= size."""
+
+    key: str
+    expected: str
+    got: object
+
+
+class StageBase:
+    """What every stage declares to the engine and the config loader."""
+
+    PARAMS: ClassVar[Mapping[str, Param]] = {}
+    POOLS: ClassVar[tuple[PoolKind, ...]] = ("thread",)  # the first is the default
+    DEFAULT_SIZE: ClassVar[int | Literal["auto"]] = 1
+
+    def __init__(self, params: Mapping[str, Any], *, name: str, concurrency: int = 1) -> None:
+        self.params = dict(params)  # validated by the config loader, defaults filled in
+        self.name = name
+        self.concurrency = concurrency  # copies of `process` that may run at once here
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> list[ParamProblem]:
+        """Checks that span parameters; single-parameter types come from PARAMS."""
+        del params
+        return []
+
+    @property
+    def batch_size(self) -> int:
+        """How many items `process` takes at once; items may come from many documents."""
+        return 1
+
+
+class Stage(StageBase):
+    """A blocking stage: runs in a worker process or a thread.
+
+    On a process pool every worker builds its own copy, so `__init__` must be
+    cheap and `open` is where connections or models are made. On a thread pool
+    one copy is shared by all threads.
+    """
+
+    POOLS: ClassVar[tuple[PoolKind, ...]] = ("process", "thread")
+
+    def open(self) -> None:
+        """Prepare for work; called once per copy before the first item."""
+
+    def process(self, items: list[Item]) -> list[Item]:
+        """Turn input items into output items; raise a StageError to fail them."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def discard(self, docs: Sequence[str]) -> None:
+        """Remove what this stage keeps about `docs`; only stores need this."""
+        del docs
+
+    def close(self) -> None:
+        """Release resources; called once after the last item, even after failure."""
+
+
+class AsyncStage(StageBase):
+    """An I/O stage: many concurrent `process` calls share one event loop and one copy."""
+
+    POOLS: ClassVar[tuple[PoolKind, ...]] = ("async",)
+
+    async def open(self) -> None:
+        """Prepare for work (open clients); called once before the first item."""
+
+    async def process(self, items: list[Item]) -> list[Item]:
+        """Turn input items into output items; raise a StageError to fail them."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    async def discard(self, docs: Sequence[str]) -> None:
+        """Remove what this stage keeps about `docs`; only stores need this."""
+        del docs
+
+    async def close(self) -> None:
+        """Release resources; called once after the last item, even after failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result, as `pipeline search` prints it."""
+
+    score: float
+    path: str
+    page: int
+    chunk: int
+    text: str
+
+
+@runtime_checkable
+class QueryEmbedder(Protocol):
+    """A stage that can embed a query the same way it embeds chunks."""
+
+    async def embed_texts(self, texts: list[str]) -> list[list[float]]: ...
+
+
+@runtime_checkable
+class Searcher(Protocol):
+    """A stage that can answer a nearest-neighbour query over what it stored."""
+
+    def search(self, vector: list[float], *, limit: int) -> list[Hit]: ...
