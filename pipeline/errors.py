@@ -72,8 +72,12 @@ class StageError(PipelineError):
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
-        if reason is not None:
-            self.reason = reason
+        self.reason = reason if reason is not None else type(self).reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (pool workers); the default pickling
+        # would call cls(message) and lose the keyword-only attributes.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class TransientError(StageError):
@@ -102,6 +106,15 @@ class PermanentError(StageError):
     """
 
     reason = "permanent"
+
+
+def _rebuild(
+    cls: type[StageError], args: tuple[object, ...], state: dict[str, object]
+) -> StageError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 def _show(value: object) -> str:

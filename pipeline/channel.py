@@ -1,0 +1,150 @@
+"""Bounded channels that close: the joints between stages.
+
+The capacity is what keeps memory flat. A full channel makes `put` wait, so a
+slow embedding API stops extraction, which stops the source reading files: the
+corpus never has to fit in memory, only the capacities do. A channel that grows
+without bound (`asyncio.Queue()` with maxsize 0) would turn a slow stage into an
+ever-growing backlog instead of a signal upstream.
+
+Closing is how end-of-input travels: after the producers close, readers drain
+what is buffered and then see the end exactly once; `put` raises ChannelClosed.
+No sentinel rides in-band, so no stage can mistake data for a control message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["Channel", "ChannelClosed", "ChannelStats"]
+
+T = TypeVar("T")
+
+
+class ChannelClosed(Exception):
+    """`put` on a channel that was closed: the consumer side has stopped intake."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStats:
+    """A snapshot for metrics and the live view."""
+
+    depth: int
+    capacity: int
+    waiting_senders: int
+    waiting_receivers: int
+    closed: bool
+
+
+class Channel(Generic[T]):
+    """A FIFO of at most `capacity` items, shared by many senders and receivers."""
+
+    def __init__(self, capacity: int, *, on_change: Callable[[], None] | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"channel capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._items: deque[T] = deque()
+        self._closed = False
+        self._lock = asyncio.Lock()
+        self._not_full = asyncio.Condition(self._lock)
+        self._not_empty = asyncio.Condition(self._lock)
+        self._waiting_senders = 0
+        self._waiting_receivers = 0
+        self._on_change = on_change or _nothing
+        self._wakers: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly
+
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> ChannelStats:
+        return ChannelStats(
+            depth=len(self._items),
+            capacity=self.capacity,
+            waiting_senders=self._waiting_senders,
+            waiting_receivers=self._waiting_receivers,
+            closed=self._closed,
+        )
+
+    async def put(self, item: T) -> None:
+        """Add `item`, waiting while the channel is full: that wait is the backpressure.
+
+        Raises ChannelClosed if the channel is closed before or while waiting.
+        """
+        async with self._lock:
+            while len(self._items) >= self.capacity and not self._closed:
+                self._waiting_senders += 1
+                self._on_change()
+                try:
+                    await self._not_full.wait()
+                finally:
+                    self._waiting_senders -= 1
+            if self._closed:
+                raise ChannelClosed
+            self._items.append(item)
+            self._not_empty.notify()
+            self._on_change()
+
+    async def get_batch(self, most: int) -> list[T]:
+        """Wait for at least one item, then take up to `most` of those ready now.
+
+        Never waits for a batch to fill: a half-empty batch sent now beats a full
+        one sent later, and under load the channel is full anyway. Returns [] once
+        the channel is closed and drained.
+        """
+        async with self._lock:
+            while not self._items and not self._closed:
+                self._waiting_receivers += 1
+                self._on_change()
+                try:
+                    await self._not_empty.wait()
+                finally:
+                    self._waiting_receivers -= 1
+            taken = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+            if taken:
+                self._not_full.notify(len(taken))
+                if self._items:
+                    self._not_empty.notify()
+            self._on_change()
+            return taken
+
+    def close(self) -> None:
+        """Stop intake: waiting and future senders get ChannelClosed, readers drain.
+
+        Safe to call from synchronous code and more than once; waiters are woken
+        by a task because the conditions need the lock.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._on_change()
+        if not self._lock.locked() and not self._waiting_senders and not self._waiting_receivers:
+            return
+        task = asyncio.get_running_loop().create_task(self._wake_all())
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
+
+    async def _wake_all(self) -> None:
+        async with self._lock:
+            self._not_full.notify_all()
+            self._not_empty.notify_all()
+
+    def __aiter__(self) -> Channel[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        batch = await self.get_batch(1)
+        if not batch:
+            raise StopAsyncIteration
+        return batch[0]
+
+
+def _nothing() -> None:
+    return None

@@ -1,0 +1,260 @@
+"""The `pipeline` command: run, search, validate, status, failed, retry, schema, serve-embeddings.
+
+User mistakes end with one clear line and exit 2 before any work; a run that
+cannot go on ends with exit 3; nothing a user can cause prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import ConfigError, FatalError
+from pipeline.outcome import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
+from pipeline.stage import AsyncStage, QueryEmbedder, Searcher, Stage
+
+__all__ = ["main"]
+
+logger = logging.getLogger("pipeline")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose - args.quiet, getattr(args, "log_format", "text"))
+    try:
+        code: int = args.command(args)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    except FatalError as exc:
+        _err(f"error: {exc}")
+        return EXIT_FATAL
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="count", default=0)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(command=fn)
+        return p
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", type=Path, default=Path("pipeline.yaml"))
+
+    p = command("run", _cmd_run, "Index the source folder.")
+    config_arg(p)
+    _run_args(p)
+    p = command("retry", _cmd_retry, "Requeue failed documents (all, or those named) and run.")
+    config_arg(p)
+    p.add_argument("paths", nargs="*", help="documents to retry, as `pipeline failed` lists them")
+    _run_args(p)
+    p = command("search", _cmd_search, "Search the collection.")
+    config_arg(p)
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=5, help="how many hits")
+    p.add_argument("--json", action="store_true")
+    p = command("validate", _cmd_validate, "Check the config and show the stage graph.")
+    config_arg(p)
+    p = command("status", _cmd_status, "Documents by status and the last run.")
+    config_arg(p)
+    p.add_argument("--json", action="store_true")
+    p = command("failed", _cmd_failed, "List failed documents (the dead letters).")
+    config_arg(p)
+    p.add_argument("--json", action="store_true")
+    command("schema", _cmd_schema, "Print the JSON Schema of pipeline.yaml.")
+    p = command("serve-embeddings", _cmd_serve, "Serve the builtin embedding API.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="delay every reply")
+    return parser
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", type=Path, help="index this folder instead of source.path")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--no-progress", action="store_true", help="plain status lines, no live view")
+    p.add_argument("--report", type=Path, help="write a JSON report of the run here")
+
+
+def _setup_logging(level: int, fmt: str) -> None:
+    del fmt
+    logging.basicConfig(
+        level={-1: logging.WARNING, 0: logging.INFO}.get(level, logging.DEBUG if level > 0 else logging.ERROR),
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore", "pypdf"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text.rstrip() + "\n")
+
+
+# -- run ---------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, source=args.source)
+    from pipeline.session import run_session  # the heavier imports only when running
+
+    return run_session(
+        config,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        progress=not args.no_progress,
+        report=args.report,
+    )
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    config = load_config(args.config, source=args.source)
+    from pipeline.session import run_session
+    from pipeline.state import open_state
+
+    state = open_state(config.state, exclusive=True)
+    try:
+        count = state.requeue(args.paths or None)
+    finally:
+        state.close()
+    logger.info("requeued %d failed documents", count)
+    return run_session(
+        config,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        progress=not args.no_progress,
+        report=args.report,
+    )
+
+
+# -- search ------------------------------------------------------------------------
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    hits = asyncio.run(_search(config, args.query, args.k))
+    if args.json:
+        rows = [
+            {"score": h.score, "path": h.path, "page": h.page, "chunk": h.chunk, "text": h.text}
+            for h in hits
+        ]
+        sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
+        return EXIT_OK
+    from pipeline.terminal import print_hits
+
+    print_hits(args.query, hits)
+    return EXIT_OK
+
+
+async def _search(config: PipelineConfig, query: str, k: int) -> list[Any]:
+    """Embed the query with the pipeline's own embedder, ask the pipeline's own store."""
+    embedder = searcher = None
+    for cfg in config.stages:
+        stage = cfg.cls(cfg.params, name=cfg.name, concurrency=1)
+        if embedder is None and isinstance(stage, AsyncStage) and isinstance(stage, QueryEmbedder):
+            embedder = stage
+        if searcher is None and isinstance(stage, Stage) and isinstance(stage, Searcher):
+            searcher = stage
+    if embedder is None or searcher is None:
+        raise ConfigError(
+            str(config.file), "stages", "an embedding stage and a store stage to search with",
+            show_got=False,
+        )  # fmt: skip
+    await embedder.open()
+    try:
+        vector = (await embedder.embed_texts([query]))[0]
+    finally:
+        await embedder.close()
+    searcher.open()
+    try:
+        return list(searcher.search(vector, limit=k))
+    finally:
+        searcher.close()
+
+
+# -- inspection --------------------------------------------------------------------
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    from pipeline.terminal import print_graph
+
+    print_graph(config)
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    from pipeline.state import open_state
+
+    state = open_state(config.state, exclusive=False)
+    try:
+        counts, last = state.counts(), state.last_run()
+    finally:
+        state.close()
+    if args.json:
+        sys.stdout.write(json.dumps({"documents": counts, "last_run": last}, indent=2) + "\n")
+        return EXIT_OK
+    from pipeline.terminal import print_status
+
+    print_status(counts, last)
+    return EXIT_OK
+
+
+def _cmd_failed(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    from pipeline.state import open_state
+
+    state = open_state(config.state, exclusive=False)
+    try:
+        failed = state.failed()
+    finally:
+        state.close()
+    rows = [
+        {
+            "path": d.path,
+            "stage": d.stage,
+            "error": d.reason,
+            "message": d.message,
+            "attempts": d.attempts,
+            "updated": d.updated,
+        }
+        for d in failed
+    ]
+    if args.json:
+        sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
+        return EXIT_OK
+    from pipeline.terminal import print_failed
+
+    print_failed(rows)
+    return EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    del args
+    from pipeline.schema import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    # The builtin server ships with the stages; the engine only starts it.
+    server = importlib.import_module("stages.embed_server")
+    server.serve(host=args.host, port=args.port, latency_s=args.latency_ms / 1000)
+    return EXIT_OK

@@ -1,0 +1,389 @@
+"""Load pipeline.yaml once into frozen dataclasses, or fail naming file, line and key.
+
+Every mistake is a ConfigError rendered as `pipeline.yaml:14: stages[2].pool.size:
+expected a positive integer or "auto", got "many"`, raised before any work, so the
+CLI can exit 2 with nothing half done. The loader reads the file and the
+environment and writes nothing.
+
+The YAML is composed into nodes (which carry line numbers) and constructed into
+plain values from the same parse; values are checked against the key tables of
+`pipeline.schema`, and on failure `_Lines` walks the node tree along the failing
+key path to find the line to report. Secrets never come from YAML: a key named
+`api_key` anywhere is refused (without echoing it), and `env` parameters hold
+the name of a variable that must be set, never its value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping, Set
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from pipeline.errors import ConfigError
+from pipeline.registry import known_kinds, resolve
+from pipeline.schema import POOL, RETRY, SOURCE, STAGE, TOP, Invalid, Key, param_key
+from pipeline.stage import PoolKind, StageBase
+
+__all__ = [
+    "PipelineConfig",
+    "PoolConfig",
+    "RetryConfig",
+    "SourceConfig",
+    "StageConfig",
+    "cpu_count",
+    "load_config",
+]
+
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    kind: PoolKind
+    size: int  # "auto" is already resolved to the CPU count
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    attempts: int = 5  # total tries, the first included
+    base_s: float = 0.5
+    cap_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class StageConfig:
+    name: str
+    uses: str
+    cls: type[StageBase]
+    pool: PoolConfig
+    queue: int  # capacity of the channel feeding this stage
+    timeout_s: float | None
+    memory_mb: int | None
+    retry: RetryConfig
+    # Checked, defaults filled, paths absolute. A plain dict (typed read-only) so it
+    # pickles into worker processes; left out of the hash because dicts have none.
+    params: Mapping[str, Any] = field(hash=False)
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    path: Path
+    glob: str = "**/*.pdf"
+    prune: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    file: Path  # as the user gave it, so later messages name it the same way
+    source: SourceConfig
+    state: Path
+    stages: tuple[StageConfig, ...]
+    shutdown_timeout_s: float = 30.0
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (what "auto" means): the affinity mask, not the
+    machine, so a container limited to 2 CPUs does not start 64 workers."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def load_config(
+    path: Path, *, source: Path | None = None, env: Mapping[str, str] | None = None
+) -> PipelineConfig:
+    """Read, check and resolve `path`; raises ConfigError on the first mistake.
+
+    `source` (the CLI's --source, relative to the working folder) replaces
+    source.path, which may then be left out. `env` (default os.environ) is only
+    asked whether the variables that `env` parameters name are set.
+    """
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(file, "", f"a readable config file ({reason})", show_got=False) from exc
+    root, data = _parse(file, text)
+    loader = _Loader(file, _Lines(root), path.resolve().parent, os.environ if env is None else env)
+    return loader.pipeline(data, path, source)
+
+
+def _parse(file: str, text: str) -> tuple[Node | None, object]:
+    """Compose nodes and construct values in one parse; refuse duplicate keys and api_key.
+
+    The YAML error's snippet is left out of the message: it quotes the line, which
+    may hold a secret.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is not None:
+            _scan(file, root, (), set())
+        return root, (loader.construct_document(root) if root is not None else None)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        words = "; ".join(str(part) for part in (exc.context, exc.problem) if part)
+        column = f" at column {mark.column + 1}" if mark is not None else ""
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(
+            file, "", f"valid YAML ({words}{column})", line=line, show_got=False
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, "", "valid YAML", show_got=False) from exc
+    finally:
+        loader.dispose()
+
+
+def _scan(file: str, node: Node, at: KeyPath, seen: set[int]) -> None:
+    """Walk the node tree once for the mistakes that plain values would hide."""
+    if id(node) in seen:  # an alias: already checked where it was defined
+        return
+    seen.add(id(node))
+    if isinstance(node, SequenceNode):
+        for index, item in enumerate(node.value):
+            _scan(file, item, (*at, index), seen)
+    elif isinstance(node, MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            if key == "api_key":
+                expected = (
+                    "no api_key: secrets come from the environment, "
+                    "use api_key_env naming a variable that holds the key"
+                )
+                raise ConfigError(file, _render((*at, key)), expected, line=line, show_got=False)
+            if key in first and key != "<<":
+                expected = f"each key once per mapping (first at line {first[key]})"
+                raise ConfigError(file, _render((*at, key)), expected, line=line, show_got=False)
+            first[key] = line
+            _scan(file, value_node, (*at, key), seen)
+
+
+class _Lines:
+    """Maps a key path such as ("stages", 2, "pool", "size") to its line in the file.
+
+    Walks the composed node tree as far as the path exists and returns the line of
+    the deepest node found, so a missing key is reported at its parent mapping.
+    """
+
+    def __init__(self, root: Node | None) -> None:
+        self._root = root
+
+    def line(self, at: KeyPath, *, of_key: bool = False) -> int | None:
+        node = self._root
+        if node is None:
+            return None
+        line = node.start_mark.line + 1
+        for depth, part in enumerate(at):
+            found: tuple[Node, Node] | None = None
+            if isinstance(node, MappingNode):
+                for key_node, value_node in node.value:  # the last duplicate wins, as in YAML
+                    if isinstance(key_node, ScalarNode) and key_node.value == str(part):
+                        found = (key_node, value_node)
+            elif (
+                isinstance(node, SequenceNode) and isinstance(part, int) and part < len(node.value)
+            ):
+                found = (node.value[part], node.value[part])
+            if found is None:
+                return line
+            key_node, node = found
+            last = depth == len(at) - 1
+            line = (key_node if of_key and last else node).start_mark.line + 1
+        return line
+
+
+class _Loader:
+    """One load: knows the file (for messages), its lines, its folder and the env."""
+
+    def __init__(self, file: str, lines: _Lines, base: Path, env: Mapping[str, str]) -> None:
+        self.file = file
+        self.lines = lines
+        self.base = base
+        self.env = env
+
+    def fail(
+        self, at: KeyPath, expected: str, got: object = None, *, unknown: bool = False
+    ) -> ConfigError:
+        """The error at `at`; an `unknown` key is shown at its own line, without its value."""
+        line = self.lines.line(at, of_key=unknown)
+        got = _Shown(got) if isinstance(got, dict | list) else got
+        return ConfigError(
+            self.file, _render(at), expected, line=line, got=got, show_got=not unknown
+        )
+
+    def section(
+        self,
+        raw: Mapping[Any, Any],
+        at: KeyPath,
+        keys: Mapping[str, Key],
+        *,
+        waive: Set[str] = frozenset(),
+    ) -> dict[str, Any]:
+        """Check a mapping against its key table; returns every key, defaults filled.
+
+        Unknown keys are reported before missing ones: a misspelt required key is
+        both, and "did you mean" is the more useful message.
+        """
+        for name in raw:
+            if name not in keys:
+                if keys:
+                    expected = "one of " + ", ".join(keys)
+                    close = difflib.get_close_matches(str(name), list(keys), n=1)
+                    expected += f' (did you mean "{close[0]}"?)' if close else ""
+                else:
+                    expected = "no keys here (it takes no parameters)"
+                raise self.fail((*at, str(name)), expected, unknown=True)
+        out: dict[str, Any] = {}
+        for name, key in keys.items():
+            if name not in raw:
+                if key.required and name not in waive:
+                    raise self.fail((*at, name), f"{key.rule.expected} (required)")
+                out[name] = key.default
+            elif raw[name] is None and key.nullable:
+                out[name] = None
+            else:
+                try:
+                    out[name] = key.rule.check(raw[name])
+                except Invalid as exc:
+                    raise self.fail((*at, name), str(exc), raw[name]) from None
+        return out
+
+    def pipeline(self, data: object, path: Path, source: Path | None) -> PipelineConfig:
+        if not isinstance(data, dict):
+            expected = "a mapping with the keys " + ", ".join(TOP)
+            raise self.fail((), expected, _Shown(data) if data is not None else None)
+        top = self.section(data, (), TOP, waive={"source"} if source is not None else set())
+        src = self.source(top["source"], source)
+        names: dict[str, int] = {}
+        stages = tuple(self.stage(index, raw, names) for index, raw in enumerate(top["stages"]))
+        return PipelineConfig(
+            file=path,
+            source=src,
+            state=self.resolve_path(top["state"]),
+            stages=stages,
+            shutdown_timeout_s=top["shutdown_timeout_s"],
+        )
+
+    def source(self, raw: Mapping[str, Any] | None, override: Path | None) -> SourceConfig:
+        waive = {"path"} if override is not None else set()
+        values = self.section(raw or {}, ("source",), SOURCE, waive=waive)
+        if override is not None:
+            folder = override.expanduser().resolve()
+            if not folder.is_dir():
+                raise ConfigError(self.file, "--source", "an existing folder", got=str(folder))
+        else:
+            folder = self.resolve_path(values["path"])
+            if not folder.is_dir():
+                raise self.fail(("source", "path"), "an existing folder", str(folder))
+        return SourceConfig(path=folder, glob=values["glob"], prune=values["prune"])
+
+    def stage(self, index: int, raw: Mapping[str, Any], names: dict[str, int]) -> StageConfig:
+        at: KeyPath = ("stages", index)
+        if not isinstance(raw, dict):
+            raise self.fail(at, "a mapping (one stage)", raw)
+        values = self.section(raw, at, STAGE)
+        name, uses = values["name"], values["uses"]
+        if name in names:
+            raise self.fail(
+                (*at, "name"), f"a name no other stage has (stages[{names[name]}])", name
+            )
+        names[name] = index
+        cls = self.stage_class(uses, (*at, "uses"))
+        pool = self.pool(values["pool"], (*at, "pool"), cls, uses)
+        if values["memory_mb"] is not None and pool.kind != "process":
+            expected = f"no memory_mb on a {pool.kind} pool (the cap is per worker process)"
+            raise self.fail((*at, "memory_mb"), expected, values["memory_mb"])
+        return StageConfig(
+            name=name,
+            uses=uses,
+            cls=cls,
+            pool=pool,
+            queue=values["queue"] if values["queue"] is not None else 2 * pool.size,
+            timeout_s=values["timeout_s"],
+            memory_mb=values["memory_mb"],
+            retry=self.retry(values["retry"], (*at, "retry")),
+            params=self.params(values["with"] or {}, (*at, "with"), cls),
+            line=self.lines.line(at) or 1,
+        )
+
+    def stage_class(self, uses: str, at: KeyPath) -> type[StageBase]:
+        try:
+            return resolve(uses)
+        except LookupError as exc:
+            kinds = known_kinds()
+            if ":" in uses or uses in kinds:  # found but broken: say why
+                raise self.fail(at, f"an importable stage class ({exc})", uses) from exc
+            expected = f"a known stage kind ({', '.join(kinds)}) or a package.module:Class path"
+            close = difflib.get_close_matches(uses, kinds, n=1)
+            expected += f' (did you mean "{close[0]}"?)' if close else ""
+            raise self.fail(at, expected, uses) from exc
+
+    def pool(
+        self, raw: Mapping[str, Any] | None, at: KeyPath, cls: type[StageBase], uses: str
+    ) -> PoolConfig:
+        values = self.section(raw or {}, at, POOL)
+        kind = values["kind"] if values["kind"] is not None else cls.POOLS[0]
+        if kind not in cls.POOLS:
+            expected = f"one of {', '.join(cls.POOLS)} (the pools {uses} runs on)"
+            raise self.fail((*at, "kind"), expected, kind)
+        size = values["size"] if values["size"] is not None else cls.DEFAULT_SIZE
+        return PoolConfig(kind=cast(PoolKind, kind), size=cpu_count() if size == "auto" else size)
+
+    def retry(self, raw: Mapping[str, Any] | None, at: KeyPath) -> RetryConfig:
+        values = self.section(raw or {}, at, RETRY)
+        if values["cap_s"] < values["base_s"]:
+            expected = f"a number >= base_s ({values['base_s']:g})"
+            raise self.fail((*at, "cap_s"), expected, values["cap_s"])
+        return RetryConfig(**values)
+
+    def params(
+        self, raw: Mapping[str, Any], at: KeyPath, cls: type[StageBase]
+    ) -> Mapping[str, Any]:
+        """Check `with:` against cls.PARAMS, then cls.check for cross-key mistakes."""
+        values = self.section(raw, at, {name: param_key(p) for name, p in cls.PARAMS.items()})
+        for name, param in cls.PARAMS.items():
+            value = values[name]
+            if value is None:
+                continue
+            if param.type == "path":
+                values[name] = self.resolve_path(value)
+            elif param.type == "env" and value not in self.env:
+                expected = f"the name of a set environment variable, {value} is not set"
+                line = self.lines.line((*at, name))
+                raise ConfigError(
+                    self.file, _render((*at, name)), expected, line=line, show_got=False
+                )
+        for problem in cls.check(values):
+            raise self.fail((*at, problem.key), problem.expected, problem.got)
+        return values
+
+    def resolve_path(self, value: str) -> Path:
+        """Relative to the config file's folder, so a run works from any directory."""
+        return (self.base / Path(value).expanduser()).resolve()
+
+
+class _Shown:
+    """Stands in for a list or mapping in a message: "got a list", not its contents."""
+
+    def __init__(self, value: object) -> None:
+        self.text = "a mapping" if isinstance(value, dict) else f"a {type(value).__name__}"
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _render(at: KeyPath) -> str:
+    """("stages", 2, "pool", "size") -> "stages[2].pool.size"."""
+    text = ""
+    for part in at:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text

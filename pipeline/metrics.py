@@ -1,0 +1,84 @@
+"""Prometheus metrics of one run, on a registry the run owns.
+
+Metrics count, logs tell: what an operator graphs (queue depth, busy workers,
+durations, counts) lives here, labelled by stage, outcome or reason, never by
+document, so label cardinality stays bounded however large the corpus.
+Queue depths and busy workers are read when scraped (callback gauges), so the
+hot path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["Metrics"]
+
+_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """Every metric of a run; the runner updates it, the CLI may serve it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.source_documents = Counter(
+            "pipeline_source_documents", "Documents the source has handed on", registry=r
+        )
+        self.documents = Counter(
+            "pipeline_documents", "Documents finished, by status", ["status"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "pipeline_queue_depth", "Items waiting in the channel feeding a stage", ["stage"],
+            registry=r,
+        )  # fmt: skip
+        self.queue_capacity = Gauge(
+            "pipeline_queue_capacity", "Capacity of the channel feeding a stage", ["stage"],
+            registry=r,
+        )  # fmt: skip
+        self.workers_busy = Gauge(
+            "pipeline_workers_busy", "Workers of a stage working on a batch", ["stage"], registry=r
+        )
+        self.workers = Gauge("pipeline_workers", "Workers of a stage", ["stage"], registry=r)
+        self.stage_seconds = Histogram(
+            "pipeline_stage_seconds", "Time a stage took per batch, retries included", ["stage"],
+            buckets=_SECONDS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.busy_seconds = Counter(
+            "pipeline_stage_busy_seconds", "Worker-seconds a stage spent working", ["stage"],
+            registry=r,
+        )  # fmt: skip
+        self.items = Counter(
+            "pipeline_items", "Items a stage finished, by outcome", ["stage", "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.retries = Counter(
+            "pipeline_retries", "Retries of transient failures", ["stage", "reason"], registry=r
+        )
+        self.dead_letters = Gauge(
+            "pipeline_dead_letters", "Documents in the dead-letter store (failed)", registry=r
+        )
+
+    def watch_stage(
+        self,
+        stage: str,
+        *,
+        capacity: int,
+        workers: int,
+        depth: Callable[[], float],
+        busy: Callable[[], float],
+    ) -> None:
+        self.queue_capacity.labels(stage).set(capacity)
+        self.workers.labels(stage).set(workers)
+        self.queue_depth.labels(stage).set_function(depth)
+        self.workers_busy.labels(stage).set_function(busy)
+        for outcome in ("ok", "failed"):
+            self.items.labels(stage, outcome)
+
+    def serve(self, port: int, *, host: str = "127.0.0.1") -> Any:
+        """Serve /metrics for the life of the run; returns the server to shut down."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

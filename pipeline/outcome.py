@@ -1,0 +1,93 @@
+"""What a run did: counts by outcome, failures grouped by reason, the exit code.
+
+Exit codes are part of the contract scripts rely on:
+0 all indexed or skipped, 1 finished with failures, 2 config or usage error,
+3 the run could not go on, 130 after SIGINT and 143 after SIGTERM (drained, saved).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_FATAL", "EXIT_OK", "RunOutcome"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_FATAL = 3
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+_EXAMPLES_PER_REASON = 5
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    """Counts of one run; every discovered document lands in exactly one outcome."""
+
+    discovered: int = 0
+    indexed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    previously_failed: int = 0
+    removed: int = 0
+    interrupted: int = 0  # in flight when the run stopped: pending, resumed next run
+    chunks: int = 0
+    pages: int = 0
+    failure_reasons: Counter[str] = field(default_factory=Counter)
+    failure_examples: dict[str, list[str]] = field(default_factory=dict)
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM"
+    fatal: str | None = None
+    walk_complete: bool = False
+    seconds: float = 0.0
+
+    def record_failure(self, path: str, *, stage: str, reason: str, message: str) -> None:
+        self.failed += 1
+        key = f"{stage}: {reason}"
+        self.failure_reasons[key] += 1
+        examples = self.failure_examples.setdefault(key, [])
+        if len(examples) < _EXAMPLES_PER_REASON:
+            examples.append(f"{path}: {message}")
+
+    @property
+    def exit_code(self) -> int:
+        if self.fatal is not None:
+            return EXIT_FATAL
+        if self.stopped_by is not None:
+            return EXIT_SIGNAL.get(self.stopped_by, EXIT_FAILED)
+        return EXIT_FAILED if self.failed else EXIT_OK
+
+    @property
+    def outcome(self) -> str:
+        if self.fatal is not None:
+            return "fatal"
+        if self.stopped_by is not None:
+            return "interrupted"
+        return "failures" if self.failed else "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "exit_code": self.exit_code,
+            "discovered": self.discovered,
+            "indexed": self.indexed,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "added": self.added,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "duplicates": self.duplicates,
+            "previously_failed": self.previously_failed,
+            "removed": self.removed,
+            "interrupted": self.interrupted,
+            "chunks": self.chunks,
+            "failures_by_reason": dict(self.failure_reasons),
+            "failure_examples": self.failure_examples,
+            "stopped_by": self.stopped_by,
+            "fatal": self.fatal,
+            "seconds": round(self.seconds, 3),
+        }

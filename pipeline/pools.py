@@ -1,0 +1,231 @@
+"""Where a stage's `process` runs: a worker process, a thread, or the event loop.
+
+All three look the same to the runner: `await pool.run(items)`. The runner drives
+each pool with as many coroutines as the pool has workers, so busy workers and
+queue depths are counted in one place whatever the pool kind.
+
+- process: CPU work (PDF parsing). pebble's pool, because it does what
+  concurrent.futures cannot: kill a worker that overruns its timeout and replace
+  it, and report a worker that died (segfault, os._exit, out of memory) as
+  ProcessExpired for that one task while the pool keeps its size. Workers start
+  through forkserver, never fork: the parent has threads (metrics server, store
+  client) that a fork would copy mid-lock.
+- thread: blocking clients (the Qdrant store). One stage copy shared by threads.
+- async: I/O (embedding calls). N coroutines share one stage copy and one loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import resource
+import signal
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import pebble
+
+from pipeline import registry
+from pipeline.errors import PermanentError
+from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
+
+__all__ = ["Pool", "open_pool"]
+
+logger = logging.getLogger(__name__)
+
+
+class Pool(Protocol):
+    kind: PoolKind
+    size: int
+    batch_size: int
+
+    async def open(self) -> None: ...
+    async def run(self, items: list[Item]) -> list[Item]: ...
+    async def discard(self, docs: Sequence[str]) -> None: ...
+    async def close(self) -> None: ...
+
+
+def open_pool(
+    cls: type[StageBase],
+    *,
+    uses: str,
+    name: str,
+    kind: PoolKind,
+    size: int,
+    params: Mapping[str, Any],
+    timeout_s: float | None,
+    memory_mb: int | None,
+) -> Pool:
+    """Build the pool of `kind` for one stage; `await pool.open()` starts it."""
+    stage = cls(params, name=name, concurrency=size)  # cheap by contract: no I/O before open()
+    if kind == "process":
+        return ProcessPool(
+            uses=uses, name=name, size=size, params=params, timeout_s=timeout_s,
+            memory_mb=memory_mb, batch_size=stage.batch_size,
+        )  # fmt: skip
+    if kind == "thread":
+        if not isinstance(stage, Stage):
+            raise TypeError(f"{uses} is not a blocking stage and cannot run on a thread pool")
+        return ThreadPool(stage, size=size, timeout_s=timeout_s)
+    if not isinstance(stage, AsyncStage):
+        raise TypeError(f"{uses} is not an async stage and cannot run on an async pool")
+    return AsyncPool(stage, size=size, timeout_s=timeout_s)
+
+
+def _timed_out(seconds: float) -> PermanentError:
+    return PermanentError(f"timed out after {seconds:g} s", reason="timeout")
+
+
+class AsyncPool:
+    kind: PoolKind = "async"
+
+    def __init__(self, stage: AsyncStage, *, size: int, timeout_s: float | None) -> None:
+        self.stage = stage
+        self.size = size
+        self.batch_size = stage.batch_size
+        self._timeout_s = timeout_s
+
+    async def open(self) -> None:
+        await self.stage.open()
+
+    async def run(self, items: list[Item]) -> list[Item]:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await self.stage.process(items)
+        except TimeoutError:
+            if self._timeout_s is None:
+                raise
+            raise _timed_out(self._timeout_s) from None
+
+    async def discard(self, docs: Sequence[str]) -> None:
+        await self.stage.discard(docs)
+
+    async def close(self) -> None:
+        await self.stage.close()
+
+
+class ThreadPool:
+    kind: PoolKind = "thread"
+
+    def __init__(self, stage: Stage, *, size: int, timeout_s: float | None) -> None:
+        self.stage = stage
+        self.size = size
+        self.batch_size = stage.batch_size
+        self._timeout_s = timeout_s
+        self._threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix=stage.name)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    async def open(self) -> None:
+        await self._call(self.stage.open)
+
+    async def run(self, items: list[Item]) -> list[Item]:
+        # A thread cannot be killed: on timeout the item fails and the call runs on
+        # in the background. Stages that can hang belong on a process pool.
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                result: list[Item] = await self._call(self.stage.process, items)
+                return result
+        except TimeoutError:
+            if self._timeout_s is None:
+                raise
+            raise _timed_out(self._timeout_s) from None
+
+    async def discard(self, docs: Sequence[str]) -> None:
+        await self._call(self.stage.discard, list(docs))
+
+    async def close(self) -> None:
+        try:
+            await self._call(self.stage.close)
+        finally:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+class ProcessPool:
+    kind: PoolKind = "process"
+
+    def __init__(
+        self,
+        *,
+        uses: str,
+        name: str,
+        size: int,
+        params: Mapping[str, Any],
+        timeout_s: float | None,
+        memory_mb: int | None,
+        batch_size: int,
+    ) -> None:
+        self.size = size
+        self.batch_size = batch_size
+        self._timeout_s = timeout_s
+        self._memory_mb = memory_mb
+        self._pool = pebble.ProcessPool(
+            max_workers=size,
+            initializer=_worker_init,
+            initargs=(uses, name, dict(params), memory_mb),
+            context=multiprocessing.get_context("forkserver"),
+        )
+
+    async def open(self) -> None:
+        return None  # workers start on the first task and build their stage then
+
+    async def run(self, items: list[Item]) -> list[Item]:
+        future = self._pool.schedule(_worker_process, args=(items,), timeout=self._timeout_s)
+        try:
+            result: list[Item] = await asyncio.wrap_future(future)
+            return result
+        except TimeoutError:
+            raise _timed_out(self._timeout_s or 0) from None
+        except pebble.ProcessExpired as died:
+            raise PermanentError(
+                f"worker died: {_exit_reason(died.exitcode)}", reason="worker_died"
+            ) from None
+        except MemoryError:
+            raise PermanentError(
+                f"worker ran out of memory (memory_mb: {self._memory_mb})", reason="out_of_memory"
+            ) from None
+
+    async def discard(self, docs: Sequence[str]) -> None:
+        del docs  # process stages keep nothing between documents
+
+    async def close(self) -> None:
+        self._pool.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.join)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+# Each worker process holds its own copy of the stage; this is per-process state
+# by nature, set once by the pool's initializer.
+_worker_stage: Stage | None = None
+
+
+def _worker_init(uses: str, name: str, params: dict[str, Any], memory_mb: int | None) -> None:
+    """Build the stage in the worker; cap its memory so a ballooning PDF fails alone."""
+    global _worker_stage
+    # Ctrl-C reaches the whole process group; the parent decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if memory_mb is not None:
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    stage = registry.resolve(uses)(params, name=name, concurrency=1)
+    if not isinstance(stage, Stage):
+        raise TypeError(f"{uses} is not a blocking stage and cannot run on a process pool")
+    stage.open()
+    _worker_stage = stage
+
+
+def _worker_process(items: list[Item]) -> list[Item]:
+    if _worker_stage is None:
+        raise RuntimeError("worker used before its initializer ran")
+    return _worker_stage.process(items)

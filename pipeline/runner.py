@@ -1,0 +1,357 @@
+"""Running a pipeline: pools for the stages, channels between them, one ledger.
+
+    source walk -> [queue] -> stage 1 pool -> [queue] -> stage 2 pool -> ... -> last stage
+
+Every stage runs as N coroutines (N = its pool size) that take a batch from the
+channel feeding it, run it on the pool, and put the results on the next channel.
+A full channel makes `put` wait, which is how a slow stage holds back every
+stage before it and, in the end, the walk of the source folder.
+
+Failures stay with their documents. A batch that fails permanently is split in
+halves until the failing items are alone, so one bad chunk fails its own
+document, not the 63 others sharing its request. A FatalError stops the run.
+
+Stopping: `stop()` closes intake and lets in-flight work finish for up to
+`shutdown_timeout_s`, then cancels; `stop(now=True)` cancels at once. Either
+way documents not finished stay `pending` and the next run resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from pipeline.channel import Channel
+from pipeline.config import PipelineConfig, StageConfig
+from pipeline.errors import FatalError, PermanentError, StageError, TransientError
+from pipeline.intake import Intake
+from pipeline.ledger import Finished, Ledger
+from pipeline.metrics import Metrics
+from pipeline.outcome import RunOutcome
+from pipeline.pools import Pool, open_pool
+from pipeline.retry import RetryPolicy
+from pipeline.stage import Item
+from pipeline.state import RunState
+
+__all__ = ["Runner", "StageView"]
+
+logger = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+_PRUNE_BATCH = 256
+
+
+@dataclass(slots=True)
+class StageView:
+    """What the live view and the metrics show of one stage."""
+
+    name: str
+    kind: str
+    workers: int
+    busy: int = 0
+    depth: int = 0
+    capacity: int = 0
+    done: int = 0
+    failed: int = 0
+    retries: int = 0
+    busy_seconds: float = 0.0
+
+
+class _Stage:
+    def __init__(self, cfg: StageConfig, pool: Pool, inbox: Channel[Item], retry: RetryPolicy):
+        self.cfg = cfg
+        self.pool = pool
+        self.inbox = inbox
+        self.retry = retry
+        self.batch_size = pool.batch_size
+        self.view = StageView(cfg.name, pool.kind, pool.size, capacity=inbox.capacity)
+
+
+class Runner:
+    """One run of a pipeline over its source; `await run()` returns the outcome."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        state: RunState,
+        metrics: Metrics | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.metrics = metrics or Metrics()
+        self.outcome = RunOutcome()
+        self.ledger = Ledger()
+        self._sleep = sleep
+        self._stages: list[_Stage] = []
+        self._intake: Intake | None = None
+        self._work: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._cancelled = False
+
+    # -- observation -------------------------------------------------------------
+
+    def views(self) -> list[StageView]:
+        for st in self._stages:
+            st.view.depth = st.inbox.depth
+        return [st.view for st in self._stages]
+
+    def _touch(self) -> None:
+        self._changed.set()
+
+    async def wait_until(self, predicate: Callable[[Runner], bool]) -> None:
+        """Wait until `predicate(self)` holds; re-checked whenever the run changes."""
+        while not predicate(self):
+            self._changed.clear()
+            await self._changed.wait()
+
+    # -- control -----------------------------------------------------------------
+
+    def stop(self, *, signal_name: str = "SIGTERM", now: bool = False) -> None:
+        """Stop intake and drain (or, with `now`, cancel in-flight work at once)."""
+        if self.outcome.stopped_by is None:
+            self.outcome.stopped_by = signal_name
+            logger.info("%s: stopping intake, finishing in-flight work", signal_name)
+        if self._intake is not None:
+            self._intake.stop()
+        if self._stages:
+            self._stages[0].inbox.close()
+        if now:
+            self._cancel()
+        else:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.config.shutdown_timeout_s, self._cancel)
+
+    def _cancel(self) -> None:
+        if self._work is not None and not self._work.done():
+            self._cancelled = True
+            self._work.cancel()
+
+    # -- the run -----------------------------------------------------------------
+
+    async def run(self) -> RunOutcome:
+        started = time.monotonic()
+        run_id = self.state.begin_run()
+        logger.info("run %d started over %s", run_id, self.config.source.path)
+        try:
+            await self._open_stages()
+            self._intake = Intake(
+                root=self.config.source.path, pattern=self.config.source.glob,
+                state=self.state, run=run_id, ledger=self.ledger, outcome=self.outcome,
+                discard=self._discard, on_handed=self.metrics.source_documents.inc,
+            )  # fmt: skip
+            if self.outcome.stopped_by is not None:
+                self._intake.stop()
+            self._work = asyncio.create_task(self._flow(self._intake))
+            try:
+                await self._work
+            except asyncio.CancelledError:
+                if not self._cancelled:
+                    raise
+            except BaseExceptionGroup as group:
+                fatal = _first_fatal(group)
+                if fatal is None:
+                    raise
+                self.outcome.fatal = str(fatal)
+            if self._may_prune():
+                await self._prune(run_id)
+        except FatalError as exc:
+            self.outcome.fatal = str(exc)
+        finally:
+            self.outcome.interrupted += len(self.ledger)
+            await self._close_stages()
+            self.outcome.seconds = time.monotonic() - started
+            self.state.end_run(
+                run_id, outcome=self.outcome.outcome, exit_code=self.outcome.exit_code,
+                summary=self.outcome.to_dict(),
+            )  # fmt: skip
+            self.metrics.dead_letters.set(self.state.counts().get("failed", 0))
+        if self.outcome.fatal:
+            logger.error("run %d stopped: %s", run_id, self.outcome.fatal)
+        logger.info("run %d finished: %s", run_id, self.outcome.outcome)
+        return self.outcome
+
+    async def _open_stages(self) -> None:
+        for cfg in self.config.stages:
+            pool = open_pool(
+                cfg.cls, uses=cfg.uses, name=cfg.name, kind=cfg.pool.kind, size=cfg.pool.size,
+                params=cfg.params, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
+            )  # fmt: skip
+            inbox: Channel[Item] = Channel(cfg.queue, on_change=self._touch)
+            retry = RetryPolicy(
+                attempts=cfg.retry.attempts, base=cfg.retry.base_s, cap=cfg.retry.cap_s,
+                sleep=self._sleep, on_retry=self._retry_counter(cfg.name),
+            )  # fmt: skip
+            st = _Stage(cfg, pool, inbox, retry)
+            self._stages.append(st)
+            self.metrics.watch_stage(
+                cfg.name, capacity=cfg.queue, workers=pool.size,
+                depth=lambda ch=inbox: ch.depth, busy=lambda v=st.view: v.busy,
+            )  # fmt: skip
+            await pool.open()
+
+    async def _close_stages(self) -> None:
+        for st in self._stages:
+            try:
+                await st.pool.close()
+            except Exception:  # noqa: BLE001 - closing must reach every pool; recorded
+                logger.exception("closing stage %s failed", st.cfg.name)
+
+    def _retry_counter(self, stage: str) -> Callable[[TransientError], None]:
+        def count(error: TransientError) -> None:
+            self.metrics.retries.labels(stage, error.reason).inc()
+            for st in self._stages:
+                if st.cfg.name == stage:
+                    st.view.retries += 1
+
+        return count
+
+    async def _flow(self, intake: Intake) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(intake.feed(self._stages[0].inbox), name="source")
+            for i, st in enumerate(self._stages):
+                outbox = self._stages[i + 1].inbox if i + 1 < len(self._stages) else None
+                tg.create_task(self._run_stage(st, outbox), name=st.cfg.name)
+
+    async def _run_stage(self, st: _Stage, outbox: Channel[Item] | None) -> None:
+        """Run the stage's workers; close `outbox` after the last one, even on failure,
+        so downstream sees end-of-input exactly once and never hangs."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for n in range(st.pool.size):
+                    tg.create_task(self._worker(st, outbox), name=f"{st.cfg.name}-{n}")
+        finally:
+            if outbox is not None:
+                outbox.close()
+
+    async def _worker(self, st: _Stage, outbox: Channel[Item] | None) -> None:
+        while True:
+            batch = await st.inbox.get_batch(st.batch_size)
+            if not batch:
+                return
+            live = [item for item in batch if not self.ledger.has_failed(item.doc)]
+            for item in batch:
+                if self.ledger.has_failed(item.doc):
+                    await self._release(item.doc)
+            if not live:
+                continue
+            outputs, failures = await self._attempt(st, live)
+            for out in outputs:
+                self.ledger.add(out.doc)
+                if outbox is None:
+                    self.ledger.sink(out.doc)
+            for item, error in failures:
+                self.ledger.fail(item.doc, stage=st.cfg.name, error=error)
+            st.view.done += len(live) - len(failures)
+            st.view.failed += len(failures)
+            self.metrics.items.labels(st.cfg.name, "ok").inc(len(live) - len(failures))
+            self.metrics.items.labels(st.cfg.name, "failed").inc(len(failures))
+            for item in live:
+                await self._release(item.doc)
+            for out in outputs:
+                if outbox is None or self.ledger.has_failed(out.doc):
+                    await self._release(out.doc)
+                else:
+                    await outbox.put(out)
+
+    async def _attempt(
+        self, st: _Stage, items: list[Item]
+    ) -> tuple[list[Item], list[tuple[Item, StageError]]]:
+        """Run one batch with retries; split it to isolate permanent failures."""
+        st.view.busy += 1
+        self._touch()
+        began = time.monotonic()
+        try:
+            return [*await st.retry.call(lambda: st.pool.run(items))], []
+        except TransientError as exc:
+            tries = st.retry.attempts
+            gave_up = TransientError(f"{exc} (gave up after {tries} attempts)", reason=exc.reason)
+            return [], [(item, gave_up) for item in items]
+        except PermanentError as exc:
+            if len(items) == 1:
+                return [], [(items[0], exc)]
+        except FatalError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a stage bug fails its items, not the run
+            logger.exception("stage %s raised an unexpected error", st.cfg.name)
+            bug = PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
+            if len(items) == 1:
+                return [], [(items[0], bug)]
+        finally:
+            elapsed = time.monotonic() - began
+            st.view.busy -= 1
+            st.view.busy_seconds += elapsed
+            self.metrics.stage_seconds.labels(st.cfg.name).observe(elapsed)
+            self.metrics.busy_seconds.labels(st.cfg.name).inc(elapsed)
+            self._touch()
+        middle = len(items) // 2
+        left = await self._attempt(st, items[:middle])
+        right = await self._attempt(st, items[middle:])
+        return left[0] + right[0], left[1] + right[1]
+
+    async def _release(self, doc: str) -> None:
+        finished = self.ledger.release(doc)
+        if finished is not None:
+            await self._finish(finished)
+
+    async def _finish(self, done: Finished) -> None:
+        outcome = self.outcome
+        if done.failure is None:
+            self.state.mark_indexed(done.doc, chunks=done.sunk)
+            outcome.indexed += 1
+            outcome.chunks += done.sunk
+            if done.kind == "updated":
+                outcome.updated += 1
+            else:
+                outcome.added += 1
+            self.metrics.documents.labels("indexed").inc()
+        else:
+            stage, error = done.failure
+            if done.sunk or stage == self._stages[-1].cfg.name:
+                await self._discard([done.doc])  # no half-indexed document stays searchable
+            message = str(error)
+            self.state.mark_failed(done.doc, stage=stage, reason=error.reason, message=message)
+            outcome.record_failure(done.doc, stage=stage, reason=error.reason, message=message)
+            self.metrics.documents.labels("failed").inc()
+            logger.warning("failed %s at %s: %s", done.doc, stage, message)
+        self._touch()
+
+    async def _discard(self, docs: Sequence[str]) -> None:
+        for st in self._stages:
+            await st.pool.discard(list(docs))
+
+    def _may_prune(self) -> bool:
+        o = self.outcome
+        return (
+            self.config.source.prune
+            and o.walk_complete
+            and o.stopped_by is None
+            and o.fatal is None
+        )
+
+    async def _prune(self, run_id: int) -> None:
+        """Remove the points of documents no longer in the source (a complete walk only)."""
+        gone = list(self.state.not_seen_since(run_id))
+        for start in range(0, len(gone), _PRUNE_BATCH):
+            batch = gone[start : start + _PRUNE_BATCH]
+            await self._discard(batch)
+            self.state.remove(batch)
+        self.outcome.removed = len(gone)
+        if gone:
+            logger.info("removed %d documents no longer in the source", len(gone))
+
+
+def _first_fatal(group: BaseExceptionGroup[BaseException]) -> FatalError | None:
+    """The FatalError inside nested task-group errors, if that is what ended the run."""
+    for error in group.exceptions:
+        if isinstance(error, FatalError):
+            return error
+        if isinstance(error, BaseExceptionGroup):
+            found = _first_fatal(error)
+            if found is not None:
+                return found
+    return None

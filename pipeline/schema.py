@@ -1,0 +1,298 @@
+"""What pipeline.yaml may contain, once, for both the loader and the JSON Schema.
+
+Every key is a `Key` in a table (`TOP`, `SOURCE`, `STAGE`, `POOL`, `RETRY`) and
+every value is checked by a `Rule`. The loader in `pipeline.config` walks these
+tables to find unknown and missing keys and calls `Rule.check`; `json_schema()`
+asks the same rules for their JSON form, and a stage's `with:` keys come from
+its `PARAMS` through `param_key`. Because both read one definition, the schema
+an editor shows cannot promise what the loader then refuses (tests/test_schema.py
+also compares the shipped pipeline.schema.json with `json_schema()`).
+
+`python -m pipeline.schema > pipeline.schema.json` regenerates the shipped file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.registry import known_kinds, resolve
+from pipeline.stage import REQUIRED, Param
+
+__all__ = [
+    "POOL",
+    "RETRY",
+    "SOURCE",
+    "STAGE",
+    "TOP",
+    "Invalid",
+    "Key",
+    "Rule",
+    "json_schema",
+    "param_key",
+    "write_schema",
+]
+
+
+class Invalid(ValueError):
+    """A value broke its rule; the loader turns this into a ConfigError at the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What one value must be: in words for errors, in JSON for editors, and a test.
+
+    `convert` runs after the test passes (ints become floats for number keys).
+    """
+
+    expected: str
+    json: Mapping[str, Any]
+    test: Callable[[Any], bool]
+    convert: Callable[[Any], Any] = lambda value: value
+
+    def check(self, value: object) -> Any:
+        """The checked value, converted; raises Invalid with `expected`."""
+        try:
+            ok = self.test(value)
+        except (TypeError, ValueError):  # e.g. urlsplit on a malformed port
+            ok = False
+        if not ok:
+            raise Invalid(self.expected)
+        return self.convert(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One key of a mapping. `default` is what the loader uses when the key is absent;
+    `nullable` keys also accept an explicit null, meaning "not set"."""
+
+    rule: Rule
+    doc: str = ""
+    required: bool = False
+    default: Any = None
+    nullable: bool = False
+
+    def json(self) -> dict[str, Any]:
+        out = dict(self.rule.json)
+        if self.nullable:
+            out = {"anyOf": [out, {"type": "null"}]}
+        if self.doc:
+            out["description"] = self.doc
+        if (
+            not self.required
+            and _plain(self.default)
+            and (self.nullable or self.default is not None)
+        ):
+            out["default"] = self.default
+        return out
+
+
+def _number(value: int | float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _plain(value: object) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def integer(minimum: float | None = None) -> Rule:
+    """An int, never a bool: `True` is an int to Python but a mistake in a config."""
+    low = -math.inf if minimum is None else minimum
+    return Rule(
+        "an integer" if minimum is None else f"an integer >= {minimum:g}",
+        {"type": "integer"} | ({} if minimum is None else {"minimum": _number(minimum)}),
+        lambda value: type(value) is int and value >= low,
+    )
+
+
+def number(minimum: float | None = None, *, exclusive: bool = False) -> Rule:
+    """An int or float (loaded as float), never a bool."""
+    low = -math.inf if minimum is None else minimum
+    bound = {} if minimum is None else {"exclusiveMinimum" if exclusive else "minimum": minimum}
+    return Rule(
+        "a number" if minimum is None else f"a number {'>' if exclusive else '>='} {minimum:g}",
+        {"type": "number"} | bound,
+        lambda value: type(value) in (int, float) and (value > low if exclusive else value >= low),
+        float,
+    )
+
+
+def text(expected: str = "a non-empty string", *, pattern: str | None = None) -> Rule:
+    """A non-empty string; `expected` says what it stands for (a path, a name)."""
+    return Rule(
+        expected,
+        {"type": "string", "minLength": 1} | ({} if pattern is None else {"pattern": pattern}),
+        lambda value: (
+            isinstance(value, str)
+            and bool(value)
+            and (pattern is None or re.match(pattern, value) is not None)
+        ),
+    )
+
+
+def choice(values: tuple[str, ...]) -> Rule:
+    return Rule("one of " + ", ".join(values), {"enum": list(values)}, lambda v: v in values)
+
+
+def _is_http_url(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def section(keys: Mapping[str, Key], expected: str = "a mapping") -> Rule:
+    """A nested mapping with its own key table, which the loader then descends into."""
+    return Rule(
+        expected,
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": [name for name, key in keys.items() if key.required],
+            "properties": {name: key.json() for name, key in keys.items()},
+        },
+        lambda value: isinstance(value, dict),
+    )
+
+
+FLAG = Rule("true or false", {"type": "boolean"}, lambda value: type(value) is bool)
+POOL_SIZE = Rule(  # "auto" is turned into the usable CPU count by the loader
+    'a positive integer or "auto"',
+    {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]},
+    lambda value: value == "auto" or (type(value) is int and value >= 1),
+)
+URL = Rule(  # checked at load, not at the first request an hour into a run
+    "an http or https URL with a host",
+    {"type": "string", "pattern": r"^https?://[^/?#\s]+"},
+    _is_http_url,
+)
+ENV_NAME = text("the name of an environment variable", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+PARAMS = Rule(  # a stage's `with:`; its keys come from the stage, see `param_key`
+    "a mapping of the stage's parameters",
+    {"type": "object", "propertyNames": {"not": {"const": "api_key"}}},
+    lambda value: isinstance(value, dict),
+)
+STAGE_KINDS = text("a stage kind or a package.module:ClassName path")
+MODULE_PATH = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+
+RETRY: Mapping[str, Key] = {
+    "attempts": Key(integer(1), "Total tries per item, the first included.", default=5),
+    "base_s": Key(number(0), "First backoff in seconds; doubles per retry.", default=0.5),
+    "cap_s": Key(number(0), "Longest backoff in seconds (>= base_s).", default=30.0),
+}
+POOL: Mapping[str, Key] = {
+    "kind": Key(choice(("process", "thread", "async")), "Default: the stage's first kind."),
+    "size": Key(POOL_SIZE, 'Copies that run at once; "auto" = usable CPUs.'),
+}
+STAGE: Mapping[str, Key] = {
+    "name": Key(text(), "Unique: labels metrics, logs and state.", required=True),
+    "uses": Key(STAGE_KINDS, "An installed stage kind or a module:Class path.", required=True),
+    "pool": Key(section(POOL), "Default: the stage's first pool kind and default size."),
+    "queue": Key(integer(1), "Capacity of the channel feeding this stage (default 2 x size)."),
+    "timeout_s": Key(number(0, exclusive=True), "Per-item time bound.", nullable=True),
+    "memory_mb": Key(integer(1), "Per-worker memory cap (process pools only).", nullable=True),
+    "retry": Key(section(RETRY), "Retries of transient failures."),
+    "with": Key(PARAMS, "The stage's parameters (its PARAMS).", nullable=True),
+}
+SOURCE: Mapping[str, Key] = {
+    "path": Key(text("a folder path"), "Folder of PDFs, relative to this file.", required=True),
+    "glob": Key(text("a glob pattern"), "Which files under path to index.", default="**/*.pdf"),
+    "prune": Key(FLAG, "Drop indexed documents whose file is gone.", default=True),
+}
+TOP: Mapping[str, Key] = {
+    "source": Key(section(SOURCE), "Where the documents come from.", required=True),
+    "state": Key(text("a file path"), "Progress database, relative to this file.", required=True),
+    "shutdown_timeout_s": Key(number(0, exclusive=True), "SIGTERM grace period.", default=30.0),
+    "stages": Key(
+        Rule(
+            "a non-empty list of stages",
+            {"type": "array", "minItems": 1, "items": section(STAGE).json},
+            lambda value: isinstance(value, list) and bool(value),
+        ),
+        "Stages in order; each feeds the next.",
+        required=True,
+    ),
+}
+
+
+def param_key(param: Param) -> Key:
+    """The table entry for one `with:` parameter, from the stage's Param."""
+    rules: dict[str, Rule] = {
+        "int": integer(param.minimum),
+        "float": number(param.minimum),
+        "str": text("a string"),
+        "bool": FLAG,
+        "url": URL,
+        "env": ENV_NAME,
+        "path": text("a path"),
+    }
+    return Key(
+        choice(param.choices) if param.choices else rules[param.type],
+        param.doc,
+        required=param.default is REQUIRED,
+        default=None if param.default is REQUIRED else param.default,
+        nullable=param.default is None,
+    )
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of pipeline.yaml for the installed stages.
+
+    Each known `uses:` kind gets an if/then that fixes its `with:` keys and pool
+    kinds; a `module:Class` stage keeps a free-form `with:`, which only the
+    loader can check. Raises LookupError if an installed stage cannot be imported.
+    """
+    schema = copy.deepcopy(dict(section(TOP).json))
+    stage = schema["properties"]["stages"]["items"]
+    kinds = known_kinds()
+    stage["properties"]["uses"]["anyOf"] = [
+        {"enum": kinds},
+        {"type": "string", "pattern": MODULE_PATH},
+    ]
+    stage["allOf"] = [_kind_schema(kind) for kind in kinds]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "pipeline.yaml",
+        "description": "A PDF indexing pipeline: a source folder and stages joined by queues.",
+        **schema,
+    }
+
+
+def write_schema(path: Path) -> None:
+    """Write `json_schema()` as the shipped file: pretty, sorted keys, final newline."""
+    path.write_text(_render(), encoding="utf-8")
+
+
+def main() -> None:
+    """Print the schema, for `python -m pipeline.schema > pipeline.schema.json`."""
+    sys.stdout.write(_render())
+
+
+def _render() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def _kind_schema(kind: str) -> dict[str, Any]:
+    cls = resolve(kind)
+    params = {name: param_key(param) for name, param in cls.PARAMS.items()}
+    return {
+        "if": {"properties": {"uses": {"const": kind}}, "required": ["uses"]},
+        "then": {
+            "properties": {
+                "with": {"anyOf": [section(params).json, {"type": "null"}]},
+                "pool": {"properties": {"kind": {"enum": list(cls.POOLS)}}},
+            }
+        },
+    }
+
+
+if __name__ == "__main__":
+    main()

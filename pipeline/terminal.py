@@ -1,0 +1,149 @@
+"""Everything the CLI shows a person: tables, the run summary, the live view.
+
+rich stays here, out of the engine: the runner exposes plain numbers
+(`Runner.views()`, `Runner.outcome`) and this module draws them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.config import PipelineConfig
+from pipeline.outcome import RunOutcome
+from pipeline.stage import Hit
+
+if TYPE_CHECKING:
+    from pipeline.runner import Runner, StageView
+
+__all__ = [
+    "live_view",
+    "print_failed",
+    "print_graph",
+    "print_hits",
+    "print_status",
+    "print_summary",
+    "render_frame",
+]
+
+_REDRAW_S = 0.25
+
+
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def print_graph(config: PipelineConfig) -> None:
+    table = Table(title=f"{config.file}: source {config.source.path} ({config.source.glob})")
+    for column in ("stage", "uses", "pool", "workers", "queue", "batch", "timeout_s"):
+        table.add_column(column)
+    for st in config.stages:
+        table.add_row(
+            st.name,
+            st.uses,
+            st.pool.kind,
+            str(st.pool.size),
+            str(st.queue),
+            str(st.params.get("batch", 1)),
+            "-" if st.timeout_s is None else f"{st.timeout_s:g}",
+        )
+    _out().print(table)
+    _out().print(f"state: {config.state}")
+
+
+def print_hits(query: str, hits: list[Hit]) -> None:
+    console = _out()
+    console.print(f"[bold]{query}[/bold]")
+    if not hits:
+        console.print("  no hits (is the collection indexed?)")
+    for hit in hits:
+        snippet = " ".join(hit.text.split())[:160]
+        console.print(f"  {hit.score:.3f}  {hit.path} p.{hit.page}  [dim]{snippet}[/dim]")
+
+
+def print_status(counts: dict[str, int], last: dict[str, Any] | None) -> None:
+    console = _out()
+    total = sum(counts.values())
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    console.print(f"documents: {total} ({parts or 'none yet'})")
+    if last is not None:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["started"]))
+        console.print(f"last run: #{last['id']} started {started}, {last['outcome'] or 'running'}")
+
+
+def print_failed(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        _out().print("no failed documents")
+        return
+    table = Table(title=f"{len(rows)} failed documents")
+    for column in ("path", "stage", "error", "attempts", "message"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["path"], row["stage"] or "", row["error"] or "", str(row["attempts"]),
+            row["message"] or "",
+        )  # fmt: skip
+    _out().print(table)
+
+
+def print_summary(outcome: RunOutcome, views: list[StageView]) -> None:
+    console = Console(stderr=True, highlight=False)
+    o = outcome
+    console.print(
+        f"[bold]{o.outcome}[/bold] in {o.seconds:.1f}s: {o.discovered} discovered, "
+        f"{o.indexed} indexed ({o.added} added, {o.updated} updated), {o.skipped} skipped "
+        f"({o.unchanged} unchanged, {o.duplicates} duplicates), {o.failed} failed, "
+        f"{o.removed} removed, {o.chunks} chunks"
+    )
+    if o.interrupted:
+        console.print(f"{o.interrupted} documents were in flight: the next run resumes them")
+    if o.previously_failed:
+        console.print(
+            f"{o.previously_failed} documents failed before and are unchanged: "
+            "`pipeline failed` lists them, `pipeline retry` tries again"
+        )
+    for reason, count in o.failure_reasons.most_common():
+        console.print(f"  [red]{count} failed[/red] at {reason}")
+        for example in o.failure_examples.get(reason, [])[:3]:
+            console.print(f"    {example}")
+    if o.fatal:
+        console.print(f"[red]stopped: {o.fatal}[/red]")
+    del views
+
+
+def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float) -> Group:
+    """One frame of the live view, from plain numbers: testable without a terminal."""
+    o = outcome
+    finished = o.indexed + o.failed + o.skipped
+    rate = o.indexed / elapsed if elapsed > 0 else 0.0
+    head = Text(
+        f"{finished}/{o.discovered} documents ({o.indexed} indexed, {o.skipped} skipped, "
+        f"{o.failed} failed) | {o.chunks} chunks | {rate:.1f} docs/s | {elapsed:.0f}s"
+    )
+    table = Table(expand=False)
+    for column in ("stage", "pool", "busy", "queue", "done", "retries", "failed"):
+        table.add_column(column)
+    for v in views:
+        filled = round(10 * v.depth / v.capacity) if v.capacity else 0
+        bar = "█" * filled + "·" * (10 - filled)
+        table.add_row(
+            v.name, v.kind, f"{v.busy}/{v.workers}", f"{bar} {v.depth}/{v.capacity}",
+            str(v.done), str(v.retries), str(v.failed),
+        )  # fmt: skip
+    return Group(head, table)
+
+
+async def live_view(runner: Runner) -> None:
+    started = time.monotonic()
+    console = Console(stderr=True)
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        while True:
+            frame = render_frame(runner.outcome, runner.views(), elapsed=time.monotonic() - started)
+            live.update(frame, refresh=True)
+            await asyncio.sleep(_REDRAW_S)

@@ -1,0 +1,1 @@
+"""The shipped stages: PDF extraction, chunking, embedding and the Qdrant store."""

@@ -1,0 +1,274 @@
+"""`openai.embed`: embed chunk texts through an OpenAI-compatible embeddings API.
+
+One `process` call is one HTTP request carrying every item's text, whatever
+document it came from, so the engine's batching decides the request size. All
+calls share one `httpx.AsyncClient` whose pool holds as many keep-alive
+connections as the stage has concurrent copies: no call waits for a connection
+and none is opened twice.
+
+The stage's whole job at its edge is typing failures, because the engine
+retries by type only:
+
+    timeout, dropped connection, 408, 5xx, garbled 200  -> TransientError
+    429                                                 -> TransientError(cool_pool=True)
+    401, 403 (the credentials)                          -> FatalError
+    any other 4xx (an input the server refuses)         -> PermanentError
+
+The API key is read from the environment at `open()` and lives only in the
+client's default headers: no message, log line or repr built here contains it,
+and a server error echoing it back has it redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import math
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+
+import httpx
+import numpy as np
+
+from pipeline.errors import FatalError, PermanentError, TransientError
+from pipeline.stage import AsyncStage, Item, Param, ParamProblem, PoolKind
+
+__all__ = ["Embed", "parse_retry_after"]
+
+_SNIPPET_CHARS = 200
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date.
+
+    None when the header is absent or unreadable, so the engine falls back to its
+    own backoff; a date in the past gives 0. `now` is for tests.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive result means "-0000"
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+class Embed(AsyncStage):
+    """Adds "vector" (list[float]) to each item from its "text"."""
+
+    PARAMS: ClassVar[Mapping[str, Param]] = {
+        "url": Param(
+            "url", doc="API base URL, e.g. http://127.0.0.1:8000/v1 (POST url/embeddings)"
+        ),
+        "model": Param("str", doc="model name sent with every request"),
+        "api_key_env": Param(
+            "env", default=None, doc="name of the variable holding the API key (Bearer)"
+        ),
+        "batch": Param("int", default=64, minimum=1, doc="texts per request"),
+        "request_timeout_s": Param(
+            "float", default=60.0, minimum=0.001, doc="deadline for one request, in seconds"
+        ),
+        "dimensions": Param(
+            "int", default=None, minimum=1, doc="ask for vectors of this size (if the model can)"
+        ),
+        "encoding": Param(
+            "str",
+            default="base64",
+            choices=("float", "base64"),
+            doc="reply encoding; base64 float32 is about a third of the JSON size",
+        ),
+    }
+    POOLS: ClassVar[tuple[PoolKind, ...]] = ("async",)
+    DEFAULT_SIZE: ClassVar[int] = 64
+
+    def __init__(self, params: Mapping[str, Any], *, name: str, concurrency: int = 1) -> None:
+        super().__init__(params, name=name, concurrency=concurrency)
+        self._endpoint = str(self.params["url"]).rstrip("/") + "/embeddings"
+        self._model = str(self.params["model"])
+        self._key_env: str | None = self.params.get("api_key_env")
+        self._timeout_s = float(self.params.get("request_timeout_s", 60.0))
+        self._dimensions: int | None = self.params.get("dimensions")
+        self._encoding = str(self.params.get("encoding", "base64"))
+        self._client: httpx.AsyncClient | None = None
+        self._redact: tuple[str, ...] = ()
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> list[ParamProblem]:
+        """Flag a url that already ends in /embeddings: every request would 404."""
+        url = params.get("url")
+        if isinstance(url, str) and url.rstrip("/").endswith("/embeddings"):
+            expected = "the API base URL without /embeddings (e.g. http://127.0.0.1:8000/v1)"
+            return [ParamProblem("url", expected, url)]
+        return []
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.params.get("batch", 64))
+
+    def __repr__(self) -> str:
+        return f"Embed(name={self.name!r}, url={self._endpoint!r}, model={self._model!r})"
+
+    async def open(self) -> None:
+        """Make the shared client; raises FatalError if the key's variable is unset."""
+        headers = {}
+        if self._key_env is not None:
+            key = os.environ.get(self._key_env, "")
+            if not key:
+                raise FatalError(f"${self._key_env} is not set or empty; it must hold the API key")
+            headers["Authorization"] = f"Bearer {key}"
+            self._redact = (key,)
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
+        self._client = httpx.AsyncClient(
+            headers=headers, limits=limits, timeout=httpx.Timeout(self._timeout_s)
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def process(self, items: list[Item]) -> list[Item]:
+        """One request for all `items`; each comes back with "vector", in order."""
+        texts = []
+        for item in items:
+            text = item.data.get("text")
+            if not isinstance(text, str):
+                raise PermanentError(f"{item.doc}: item has no text to embed", reason="no_text")
+            texts.append(text)
+        vectors = await self.embed_texts(texts)
+        return [
+            Item(item.doc, {**item.data, "vector": vector})
+            for item, vector in zip(items, vectors, strict=True)
+        ]
+
+    async def embed_texts(self, texts: list[str]) -> list[list[float]]:
+        """Embed `texts` in one request (the QueryEmbedder protocol, for search)."""
+        if not texts:
+            return []
+        if self._client is None:
+            raise RuntimeError(f"{self.name}: open() was not called")
+        payload: dict[str, Any] = {
+            "input": texts,
+            "model": self._model,
+            "encoding_format": self._encoding,
+        }
+        if self._dimensions is not None:
+            payload["dimensions"] = self._dimensions
+        response = await self._post(self._client, payload)
+        if not 200 <= response.status_code < 300:
+            raise self._status_error(response)
+        return self._vectors(response, len(texts))
+
+    async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> httpx.Response:
+        """POST with an overall deadline; transport failures become TransientError.
+
+        httpx's timeout bounds each phase (connect, each read); `asyncio.timeout`
+        bounds the whole call, so a server trickling bytes cannot hold a copy.
+        """
+        where = f"embedding request to {self._endpoint}"
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await client.post(self._endpoint, json=payload)
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raise TransientError(
+                f"{where} timed out after {self._timeout_s:g}s", reason="timeout"
+            ) from exc
+        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            raise TransientError(
+                f"{where} failed: {type(exc).__name__}: {exc}", reason="connection"
+            ) from exc
+
+    def _status_error(self, response: httpx.Response) -> Exception:
+        code = response.status_code
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        where = f"embedding API at {self._endpoint} answered HTTP {code}"
+        if code == 429:
+            return TransientError(
+                f"{where} (rate limited)",
+                reason="http_429",
+                retry_after=retry_after,
+                cool_pool=True,
+            )
+        if code == 408 or code >= 500:
+            return TransientError(where, reason=f"http_{code}", retry_after=retry_after)
+        if code in (401, 403):
+            check = f"check the key in ${self._key_env}" if self._key_env else "set api_key_env"
+            return FatalError(f"embedding API rejected the credentials (HTTP {code}); {check}")
+        return PermanentError(f"{where}: {self._snippet(response)}", reason=f"http_{code}")
+
+    def _snippet(self, response: httpx.Response) -> str:
+        """The server's error message, short, on one line, with the key redacted."""
+        text = response.text
+        try:
+            message = json.loads(text)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = text
+        snippet = " ".join(str(message).split())[:_SNIPPET_CHARS] or "(empty body)"
+        for secret in self._redact:
+            snippet = snippet.replace(secret, "[redacted]")
+        return snippet
+
+    def _vectors(self, response: httpx.Response, expected: int) -> list[list[float]]:
+        """Decode the embeddings of a 200 reply, in input order.
+
+        Each embedding may be a float list or base64 float32 whatever we asked
+        for, since not every compatible server honours `encoding_format`.
+        Anything else is a garbled reply (TransientError "bad_response"); vectors
+        of another size than `dimensions` asked for fail the run, since no retry
+        or other document would fare better.
+        """
+        try:
+            data = response.json()["data"]
+            if not isinstance(data, list) or len(data) != expected:
+                got = len(data) if isinstance(data, list) else type(data).__name__
+                raise ValueError(f"{got} embeddings for {expected} inputs")
+            indexes = [int(entry.get("index", i)) for i, entry in enumerate(data)]
+            if sorted(indexes) != list(range(expected)):
+                raise ValueError(f"embedding indexes {indexes[:8]}... are not 0..{expected - 1}")
+            rows = [_decode(data[i]["embedding"]) for i in np.argsort(indexes, kind="stable")]
+            matrix = np.vstack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+            if matrix.shape[1] == 0 or not np.isfinite(matrix).all():
+                raise ValueError("empty or non-finite embeddings")
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+            raise TransientError(
+                f"embedding API at {self._endpoint} sent a malformed reply: {exc}",
+                reason="bad_response",
+            ) from exc
+        if self._dimensions is not None and matrix.shape[1] != self._dimensions:
+            raise FatalError(
+                f"embedding API at {self._endpoint} returned {matrix.shape[1]}-dimension "
+                f"vectors for dimensions={self._dimensions}; does model {self._model!r} "
+                "support the dimensions parameter?"
+            )
+        result: list[list[float]] = matrix.tolist()
+        return result
+
+
+def _decode(embedding: object) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """One embedding, from base64 little-endian float32 or a JSON number list."""
+    if isinstance(embedding, str):
+        raw = base64.b64decode(embedding, validate=True)
+        if len(raw) % 4:
+            raise ValueError("base64 embedding is not a whole number of float32")
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if isinstance(embedding, list) and all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in embedding
+    ):
+        return np.asarray(embedding, dtype=np.float32)
+    raise ValueError(f"an embedding is neither base64 nor a number list: {type(embedding)}")

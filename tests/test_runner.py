@@ -1,0 +1,289 @@
+"""The engine with toy stages: accounting, failures, retries, backpressure, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.outcome import RunOutcome
+from pipeline.runner import Runner
+from pipeline.state import open_state
+from tests.engine_stages import FLAKY_LEFT, GATES, SINKS, write_config, write_corpus
+
+LINES_SINK = """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: thread, size: 2}}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: %s}}
+"""
+
+
+async def no_sleep(seconds: float) -> None:
+    del seconds
+
+
+async def run_once(config: Path, *, runner_hook: object = None) -> tuple[Runner, RunOutcome]:
+    cfg = load_config(config)
+    state = open_state(cfg.state, exclusive=True)
+    try:
+        runner = Runner(cfg, state=state, sleep=no_sleep)
+        outcome = await asyncio.wait_for(runner.run(), timeout=60)
+        return runner, outcome
+    finally:
+        state.close()
+
+
+def statuses(config: Path) -> dict[str, str]:
+    cfg = load_config(config)
+    state = open_state(cfg.state, exclusive=False)
+    try:
+        rows = state._db.execute("SELECT path, status FROM documents").fetchall()
+        return dict(rows)
+    finally:
+        state.close()
+
+
+async def test_every_document_ends_indexed_with_its_items(tmp_path: Path) -> None:
+    docs = {f"d{i:02}.txt": "\n".join(f"line {i}.{j}" for j in range(i % 4 + 1)) for i in range(20)}
+    write_corpus(tmp_path / "docs", docs)
+    config = write_config(tmp_path, LINES_SINK % "every")
+    _, outcome = await run_once(config)
+    assert outcome.indexed == 20 and outcome.failed == 0 and outcome.exit_code == 0
+    assert outcome.chunks == sum(i % 4 + 1 for i in range(20))
+    assert set(statuses(config).values()) == {"indexed"}
+    assert SINKS["every"]["d03.txt"] == ["line 3.0", "line 3.1", "line 3.2", "line 3.3"]
+
+
+async def test_a_bad_document_fails_alone_with_its_reason(tmp_path: Path) -> None:
+    write_corpus(
+        tmp_path / "docs",
+        {"good1.txt": "a\nb", "refused.txt": "PERMANENT", "buggy.txt": "BUG", "good2.txt": "c"},
+    )
+    config = write_config(tmp_path, LINES_SINK % "bad")
+    _, outcome = await run_once(config)
+    assert (outcome.indexed, outcome.failed, outcome.exit_code) == (2, 2, 1)
+    assert outcome.failure_reasons == {"lines: toy_refused": 1, "lines: bug": 1}
+    assert statuses(config) == {
+        "good1.txt": "indexed",
+        "good2.txt": "indexed",
+        "refused.txt": "failed",
+        "buggy.txt": "failed",
+    }
+
+
+async def test_a_rejected_batch_is_split_so_only_the_poisoned_document_fails(
+    tmp_path: Path,
+) -> None:
+    docs = {f"d{i}.txt": "\n".join(f"text {i}.{j}" for j in range(3)) for i in range(12)}
+    docs["d5.txt"] = "fine\nPOISON\nfine too"
+    write_corpus(tmp_path / "docs", docs)
+    GATES["split"] = asyncio.Event()
+    GATES["split"].set()
+    config = write_config(
+        tmp_path,
+        """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: thread, size: 1}}
+  - {name: embed, uses: "tests.engine_stages:Gate", pool: {kind: async, size: 1},
+     queue: 16, with: {gate: split, batch: 8}}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: split}}
+""",
+    )
+    _, outcome = await run_once(config)
+    assert outcome.failed == 1 and outcome.indexed == 11
+    assert outcome.failure_reasons == {"embed: http_400": 1}
+    assert "d5.txt" not in SINKS["split"]  # nothing of a failed document stays stored
+    assert len(SINKS["split"]) == 11
+
+
+async def test_transient_errors_are_retried_until_they_pass(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "docs", {"a.txt": "one", "b.txt": "two"})
+    FLAKY_LEFT["retried"] = 3
+    config = write_config(
+        tmp_path,
+        """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: thread, size: 1}}
+  - {name: embed, uses: "tests.engine_stages:Flaky", pool: {kind: async, size: 1},
+     retry: {attempts: 5}, with: {key: retried}}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: retried}}
+""",
+    )
+    runner, outcome = await run_once(config)
+    assert outcome.indexed == 2 and outcome.failed == 0
+    retries = runner.metrics.registry.get_sample_value(
+        "pipeline_retries_total", {"stage": "embed", "reason": "http_503"}
+    )
+    assert retries == 3
+
+
+async def test_transient_errors_past_the_attempt_limit_fail_the_documents(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "docs", {"a.txt": "one"})
+    FLAKY_LEFT["exhausted"] = 100
+    config = write_config(
+        tmp_path,
+        """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: thread, size: 1}}
+  - {name: embed, uses: "tests.engine_stages:Flaky", pool: {kind: async, size: 1},
+     retry: {attempts: 2}, with: {key: exhausted}}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: exhausted}}
+""",
+    )
+    _, outcome = await run_once(config)
+    assert outcome.failed == 1
+    assert FLAKY_LEFT["exhausted"] == 98  # tried exactly twice
+    assert "gave up after 2 attempts" in outcome.failure_examples["embed: http_503"][0]
+
+
+async def test_crashing_and_hanging_workers_fail_only_their_documents(tmp_path: Path) -> None:
+    docs = {f"ok{i}.txt": f"fine {i}" for i in range(6)}
+    docs["crash.txt"] = "CRASH"
+    docs["hang.txt"] = "HANG"
+    write_corpus(tmp_path / "docs", docs)
+    config = write_config(
+        tmp_path,
+        """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: process, size: 2},
+     timeout_s: 2}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: crash}}
+""",
+    )
+    _, outcome = await run_once(config)
+    assert outcome.indexed == 6 and outcome.failed == 2
+    examples = {k: v[0] for k, v in outcome.failure_examples.items()}
+    assert examples["lines: worker_died"] == "crash.txt: worker died: exit code 7"
+    assert examples["lines: timeout"] == "hang.txt: timed out after 2 s"
+
+
+async def test_a_stalled_stage_stops_the_source_at_the_channel_bound(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "docs", {f"d{i:03}.txt": f"text {i}" for i in range(200)})
+    GATES["stall"] = asyncio.Event()
+    config = write_config(
+        tmp_path,
+        """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: thread, size: 1}, queue: 2}
+  - {name: embed, uses: "tests.engine_stages:Gate", pool: {kind: async, size: 2}, queue: 3,
+     with: {gate: stall}}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: stall}}
+""",
+    )
+    cfg = load_config(config)
+    state = open_state(cfg.state, exclusive=True)
+    runner = Runner(cfg, state=state, sleep=no_sleep)
+    task = asyncio.create_task(runner.run())
+
+    def saturated(r: Runner) -> bool:
+        views = {v.name: v for v in r.views()}
+        if len(views) < 3:
+            return False
+        lines_in = r._stages[0].inbox.statistics()
+        embed_in = r._stages[1].inbox.statistics()
+        return (
+            views["embed"].busy == 2
+            and embed_in.depth == 3
+            and embed_in.waiting_senders == 1  # the lines worker, holding one item
+            and lines_in.depth == 2
+            and lines_in.waiting_senders == 1  # the source, holding the next document
+        )
+
+    async with asyncio.timeout(30):
+        await runner.wait_until(saturated)
+    handed = runner.metrics.registry.get_sample_value("pipeline_source_documents_total")
+    # 2 queued for lines + 1 held by lines + 3 queued for embed + 2 in embed's workers.
+    assert handed == 8
+    assert runner.metrics.registry.get_sample_value(
+        "pipeline_queue_depth", {"stage": "embed"}
+    ) == runner.metrics.registry.get_sample_value("pipeline_queue_capacity", {"stage": "embed"})
+    for _ in range(100):
+        await asyncio.sleep(0)  # let every runnable task run: nothing more may enter
+    assert runner.metrics.registry.get_sample_value("pipeline_source_documents_total") == 8
+    GATES["stall"].set()
+    async with asyncio.timeout(60):
+        outcome = await task
+    state.close()
+    assert outcome.indexed == 200
+
+
+async def test_stop_drains_in_flight_work_and_the_next_run_resumes(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "docs", {f"d{i:02}.txt": f"text {i}" for i in range(30)})
+    GATES["resume"] = asyncio.Event()
+    config = write_config(
+        tmp_path,
+        """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: thread, size: 1}, queue: 2}
+  - {name: embed, uses: "tests.engine_stages:Gate", pool: {kind: async, size: 2}, queue: 2,
+     with: {gate: resume}}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: resume}}
+""",
+    )
+    cfg = load_config(config)
+    state = open_state(cfg.state, exclusive=True)
+    runner = Runner(cfg, state=state, sleep=no_sleep)
+    task = asyncio.create_task(runner.run())
+    async with asyncio.timeout(30):
+        await runner.wait_until(lambda r: bool(r._stages) and r._stages[1].view.busy == 2)
+    runner.stop(signal_name="SIGTERM")
+    GATES["resume"].set()
+    async with asyncio.timeout(30):
+        first = await task
+    state.close()
+    assert first.stopped_by == "SIGTERM" and first.exit_code == 143
+    assert first.indexed >= 2 and first.indexed < 30
+    assert first.indexed + first.interrupted == first.discovered
+
+    _, second = await run_once(config)
+    assert second.exit_code == 0
+    assert second.unchanged == first.indexed
+    assert second.indexed == 30 - first.indexed
+    assert sorted(SINKS["resume"]) == sorted(f"d{i:02}.txt" for i in range(30))
+    assert all(len(texts) == 1 for texts in SINKS["resume"].values())  # none processed twice
+
+
+async def test_incremental_run_updates_changed_and_removes_deleted_documents(
+    tmp_path: Path,
+) -> None:
+    docs = write_corpus(tmp_path / "docs", {"keep.txt": "same", "edit.txt": "old", "gone.txt": "x"})
+    config = write_config(tmp_path, LINES_SINK % "incremental")
+    _, first = await run_once(config)
+    assert first.added == 3
+
+    _, unchanged = await run_once(config)
+    assert (unchanged.unchanged, unchanged.indexed) == (3, 0)
+
+    (docs / "edit.txt").write_text("new\nlines")
+    (docs / "gone.txt").unlink()
+    _, second = await run_once(config)
+    assert (second.updated, second.unchanged, second.removed) == (1, 1, 1)
+    assert SINKS["incremental"]["edit.txt"] == ["new", "lines"]
+    assert "gone.txt" not in SINKS["incremental"]
+    assert statuses(config) == {"keep.txt": "indexed", "edit.txt": "indexed"}
+
+
+async def test_byte_identical_documents_are_indexed_once(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "docs", {"a.txt": "same words", "b.txt": "same words"})
+    config = write_config(tmp_path, LINES_SINK % "dups")
+    _, outcome = await run_once(config)
+    assert (outcome.indexed, outcome.duplicates) == (1, 1)
+    assert list(SINKS["dups"]) == ["a.txt"]
+
+
+def test_a_second_run_on_the_same_state_is_refused(tmp_path: Path) -> None:
+    from pipeline.errors import FatalError
+
+    first = open_state(tmp_path / "state.db", exclusive=True)
+    try:
+        with pytest.raises(FatalError, match="in use by another run"):
+            open_state(tmp_path / "state.db", exclusive=True)
+    finally:
+        first.close()
+
+
+def test_the_engine_imports_no_stage_libraries() -> None:
+    code = (
+        "import sys, pipeline.runner, pipeline.cli\n"
+        "bad = [m for m in ('pypdf', 'qdrant_client', 'qdrant_edge', 'httpx', 'stages')"
+        " if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
