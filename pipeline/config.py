@@ -129,13 +129,15 @@ def _parse(file: str, text: str) -> tuple[Node | None, object]:
             _scan(file, root, (), set())
         return root, (loader.construct_document(root) if root is not None else None)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        words = "; ".join(str(part) for part in (exc.context, exc.problem) if part)
+        mark, start = exc.problem_mark or exc.context_mark, exc.context_mark
+        context = str(exc.context or "")
+        if context and start is not None and mark is not None and start.line != mark.line:
+            context += f" started at line {start.line + 1}"
+        words = "; ".join(part for part in (context, str(exc.problem or "")) if part)
         column = f" at column {mark.column + 1}" if mark is not None else ""
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(
-            file, "", f"valid YAML ({words}{column})", line=line, show_got=False
-        ) from exc
+        expected = f"valid YAML ({words}{column})"
+        raise ConfigError(file, "", expected, line=line, show_got=False) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(file, "", "valid YAML", show_got=False) from exc
     finally:
@@ -211,14 +213,18 @@ class _Loader:
         self.env = env
 
     def fail(
-        self, at: KeyPath, expected: str, got: object = None, *, unknown: bool = False
+        self,
+        at: KeyPath,
+        expected: str,
+        got: object = None,
+        *,
+        of_key: bool = False,
+        show_got: bool = True,
     ) -> ConfigError:
-        """The error at `at`; an `unknown` key is shown at its own line, without its value."""
-        line = self.lines.line(at, of_key=unknown)
+        """The error at `at`, at the line of its value (or of the key itself)."""
+        line = self.lines.line(at, of_key=of_key)
         got = _Shown(got) if isinstance(got, dict | list) else got
-        return ConfigError(
-            self.file, _render(at), expected, line=line, got=got, show_got=not unknown
-        )
+        return ConfigError(self.file, _render(at), expected, line=line, got=got, show_got=show_got)
 
     def section(
         self,
@@ -241,7 +247,7 @@ class _Loader:
                     expected += f' (did you mean "{close[0]}"?)' if close else ""
                 else:
                     expected = "no keys here (it takes no parameters)"
-                raise self.fail((*at, str(name)), expected, unknown=True)
+                raise self.fail((*at, str(name)), expected, of_key=True, show_got=False)
         out: dict[str, Any] = {}
         for name, key in keys.items():
             if name not in raw:
@@ -254,7 +260,8 @@ class _Loader:
                 try:
                     out[name] = key.rule.check(raw[name])
                 except Invalid as exc:
-                    raise self.fail((*at, name), str(exc), raw[name]) from None
+                    got, echo = raw[name], exc.echo
+                    raise self.fail((*at, name), str(exc), got, show_got=echo) from None
         return out
 
     def pipeline(self, data: object, path: Path, source: Path | None) -> PipelineConfig:
@@ -300,7 +307,7 @@ class _Loader:
         cls = self.stage_class(uses, (*at, "uses"))
         pool = self.pool(values["pool"], (*at, "pool"), cls, uses)
         if values["memory_mb"] is not None and pool.kind != "process":
-            expected = f"no memory_mb on a {pool.kind} pool (the cap is per worker process)"
+            expected = f"no memory_mb on this {pool.kind} pool (the cap is per worker process)"
             raise self.fail((*at, "memory_mb"), expected, values["memory_mb"])
         return StageConfig(
             name=name,
@@ -358,10 +365,7 @@ class _Loader:
                 values[name] = self.resolve_path(value)
             elif param.type == "env" and value not in self.env:
                 expected = f"the name of a set environment variable, {value} is not set"
-                line = self.lines.line((*at, name))
-                raise ConfigError(
-                    self.file, _render((*at, name)), expected, line=line, show_got=False
-                )
+                raise self.fail((*at, name), expected, show_got=False)
         for problem in cls.check(values):
             raise self.fail((*at, problem.key), problem.expected, problem.got)
         return values

@@ -14,6 +14,7 @@ also compares the shipped pipeline.schema.json with `json_schema()`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -43,20 +44,29 @@ __all__ = [
 
 
 class Invalid(ValueError):
-    """A value broke its rule; the loader turns this into a ConfigError at the key."""
+    """A value broke its rule; the loader turns this into a ConfigError at the key.
+
+    `echo` False keeps the value out of the message (it may be a pasted secret).
+    """
+
+    def __init__(self, expected: str, *, echo: bool = True) -> None:
+        super().__init__(expected)
+        self.echo = echo
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
     """What one value must be: in words for errors, in JSON for editors, and a test.
 
-    `convert` runs after the test passes (ints become floats for number keys).
+    `convert` runs after the test passes (ints become floats for number keys);
+    `echo` False keeps a failing value out of error messages.
     """
 
     expected: str
     json: Mapping[str, Any]
     test: Callable[[Any], bool]
     convert: Callable[[Any], Any] = lambda value: value
+    echo: bool = True
 
     def check(self, value: object) -> Any:
         """The checked value, converted; raises Invalid with `expected`."""
@@ -65,7 +75,7 @@ class Rule:
         except (TypeError, ValueError):  # e.g. urlsplit on a malformed port
             ok = False
         if not ok:
-            raise Invalid(self.expected)
+            raise Invalid(self.expected, echo=self.echo)
         return self.convert(value)
 
 
@@ -174,7 +184,10 @@ URL = Rule(  # checked at load, not at the first request an hour into a run
     {"type": "string", "pattern": r"^https?://[^/?#\s]+"},
     _is_http_url,
 )
-ENV_NAME = text("the name of an environment variable", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = dataclasses.replace(  # not echoed: people paste the key itself here
+    text("the name of an environment variable (not the secret itself)", pattern=r"^[A-Za-z_]\w*$"),
+    echo=False,
+)
 PARAMS = Rule(  # a stage's `with:`; its keys come from the stage, see `param_key`
     "a mapping of the stage's parameters",
     {"type": "object", "propertyNames": {"not": {"const": "api_key"}}},

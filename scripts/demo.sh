@@ -19,6 +19,6 @@ $BIN/pipeline validate
 $BIN/pipeline run --no-progress
 for query in "Boeing 737 MAX flight control computer software" \
              "how do I remove the password from an encrypted PDF" \
-             "errors should never pass silently"; do
+             "explicit is better than implicit"; do
   $BIN/pipeline search -k 3 "$query"
 done

@@ -193,6 +193,10 @@ class Embed(AsyncStage):
             raise TransientError(
                 f"{where} failed: {type(exc).__name__}: {exc}", reason="connection"
             ) from exc
+        except httpx.DecodingError as exc:  # a body that fails its Content-Encoding
+            raise TransientError(
+                f"{where}: undecodable reply: {exc}", reason="bad_response"
+            ) from exc
 
     def _status_error(self, response: httpx.Response) -> Exception:
         code = response.status_code

@@ -98,14 +98,12 @@ def embed_texts(texts: Sequence[str], *, dims: int = DIMS) -> npt.NDArray[np.flo
     owner = owner[keep]
     word = word[keep]
 
-    buckets = [_gram_hashes(data, owner)]
-    weights = [np.full(buckets[0][0].size, _GRAM_WEIGHT)]
+    gram_owner, gram_hashes = _gram_hashes(data, owner)
     word_owner, word_hashes = _word_hashes(data, owner, word)
-    buckets.append((word_owner, word_hashes))
-    weights.append(np.full(word_hashes.size, _WORD_WEIGHT))
-    owners = np.concatenate([b[0] for b in buckets])
-    hashes = np.concatenate([b[1] for b in buckets])
-    signs = np.where(hashes & np.uint64(1), 1.0, -1.0) * np.concatenate(weights)
+    owners = np.concatenate([gram_owner, word_owner])
+    hashes = np.concatenate([gram_hashes, word_hashes])
+    weights = np.repeat([_GRAM_WEIGHT, _WORD_WEIGHT], [gram_hashes.size, word_hashes.size])
+    signs = np.where(hashes & np.uint64(1), weights, -weights)  # signed hashing: noise cancels
     slots = owners * DIMS + ((hashes >> np.uint64(1)) % np.uint64(DIMS)).astype(np.int64)
     sums = np.bincount(slots, weights=signs, minlength=count * DIMS).astype(np.float64, copy=False)
     return _normalised(sums.reshape(count, DIMS)[:, :dims])

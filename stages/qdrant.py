@@ -217,14 +217,14 @@ class _ClientEngine:
             # joins, and warns after the fact; collection_exists() below is the probe.
             self._client = QdrantClient(**client, check_compatibility=False)
         except Exception as exc:
-            raise self._error(exc, opening=True) from exc
+            raise self._open_error(exc) from exc
         try:
             self._ready = self._client.collection_exists(collection)
             if self._ready:
                 self._index_path()
         except Exception as exc:
             self._client.close()
-            raise self._error(exc, opening=True) from exc
+            raise self._open_error(exc) from exc
 
     def upsert(self, ids: Sequence[str], vectors: Sequence[Any], payloads: Sequence[Any]) -> None:
         from qdrant_client import models
@@ -309,6 +309,13 @@ class _ClientEngine:
         except Exception as exc:
             raise self._error(exc) from exc
 
+    def _open_error(self, exc: Exception) -> FatalError:
+        """Any failure to open is fatal: no document could be stored."""
+        error = self._error(exc, opening=True)
+        if isinstance(error, FatalError):
+            return error
+        return FatalError(f"cannot open the Qdrant store at {self._where}: {error}")
+
     def _error(self, exc: Exception, *, opening: bool = False) -> PipelineError:
         """Map a qdrant-client failure to the error tree; the API key never appears.
 
@@ -316,6 +323,7 @@ class _ClientEngine:
         slow answer mid-run is worth retrying; at open() it means no usable server.
         """
         import httpx
+        from qdrant_client.common.client_exceptions import ResourceExhaustedResponse as Busy
         from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
         cause = exc.source if isinstance(exc, ResponseHandlingException) else exc
@@ -326,6 +334,13 @@ class _ClientEngine:
             if opening or isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
                 return FatalError(f"Qdrant server unreachable at {self._where}: {text}")
             return TransientError(f"Qdrant server at {self._where}: {text}", reason="timeout")
+        if isinstance(exc, Busy):  # a 429 with Retry-After: the whole pool should wait
+            return TransientError(
+                f"Qdrant server at {self._where} answered 429",
+                reason="http_429",
+                retry_after=float(exc.retry_after_s),
+                cool_pool=True,
+            )
         if isinstance(exc, UnexpectedResponse):
             code = exc.status_code or 0
             if code in (401, 403):

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.toy_stages import Double, Echo
 
 from pipeline.config import (
     PipelineConfig,
@@ -25,6 +24,7 @@ from pipeline.errors import ConfigError
 from pipeline.registry import known_kinds, resolve
 from pipeline.schema import RETRY, SOURCE
 from pipeline.stage import StageBase
+from tests.toy_stages import Double, Echo
 
 DOUBLE = f"{Double.__module__}:Double"
 ECHO = f"{Echo.__module__}:Echo"
@@ -130,7 +130,8 @@ def test_table_defaults_match_the_dataclass_defaults() -> None:
 def test_relative_paths_resolve_against_the_config_folder_not_the_cwd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = write(tmp_path / "conf" if (tmp_path / "conf").mkdir() is None else tmp_path, GOOD)
+    (tmp_path / "conf").mkdir()
+    path = write(tmp_path / "conf", GOOD)
     monkeypatch.chdir(tmp_path)
     config = load_config(Path("conf/pipeline.yaml"), env=ENV)
     assert config.source.path == (tmp_path / "conf/pdfs").resolve()
@@ -247,7 +248,6 @@ def test_unknown_stage_key_lists_every_stage_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "key", "near"),
     [
-        ("stages:\n", "stagez: []\nxstages:\n", "stagez", "stagez"),
         ("    uses: " + DOUBLE + "\n", "", "stages[0].uses", "- name: double"),
         ("source: {path: pdfs}", "source: {glob: '*.pdf'}", "source.path", "source:"),
         ("state: .pipeline/state.db\n", "", "state", "source:"),
@@ -258,9 +258,6 @@ def test_missing_required_key_is_reported_at_its_parent(
 ) -> None:
     text = GOOD.replace(old, new)
     err = load_error(tmp_path, text)
-    if key == "stagez":  # an unknown key is found before the missing one
-        assert "(did you mean" in str(err)
-        return
     assert_says(err, tmp_path / "pipeline.yaml", line_of(text, near), key, "(required)")
     assert str(err).endswith("got nothing")
 
@@ -320,13 +317,25 @@ def test_empty_stages_list(tmp_path: Path) -> None:
 
 def test_queue_below_one(tmp_path: Path) -> None:
     err = load_error(tmp_path, GOOD.replace("queue: 3", "queue: 0"))
-    assert_says(err, tmp_path / "pipeline.yaml", 10, "stages[1].queue", "an integer >= 1")
+    assert_says(
+        err,
+        tmp_path / "pipeline.yaml",
+        line_of(GOOD, "queue"),
+        "stages[1].queue",
+        "an integer >= 1",
+    )
     assert str(err).endswith("got 0")
 
 
 def test_booleans_do_not_pass_as_integers(tmp_path: Path) -> None:
     err = load_error(tmp_path, GOOD.replace("queue: 3", "queue: true"))
-    assert_says(err, tmp_path / "pipeline.yaml", 10, "stages[1].queue", "an integer >= 1")
+    assert_says(
+        err,
+        tmp_path / "pipeline.yaml",
+        line_of(GOOD, "queue"),
+        "stages[1].queue",
+        "an integer >= 1",
+    )
     assert str(err).endswith("got True")
 
 
@@ -349,12 +358,24 @@ def test_pool_size_message_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("size", ["0", "-2", "1.5", "true", "'8'"])
 def test_pool_size_must_be_a_positive_integer(tmp_path: Path, size: str) -> None:
     err = load_error(tmp_path, GOOD.replace("size: 8", f"size: {size}"))
-    assert_says(err, tmp_path / "pipeline.yaml", 9, "stages[1].pool.size", "a positive integer")
+    assert_says(
+        err,
+        tmp_path / "pipeline.yaml",
+        line_of(GOOD, "pool:"),
+        "stages[1].pool.size",
+        "a positive integer",
+    )
 
 
 def test_pool_kind_must_be_one_the_stage_supports(tmp_path: Path) -> None:
     err = load_error(tmp_path, GOOD.replace("kind: async", "kind: thread"))
-    assert_says(err, tmp_path / "pipeline.yaml", 9, "stages[1].pool.kind", "one of async (")
+    assert_says(
+        err,
+        tmp_path / "pipeline.yaml",
+        line_of(GOOD, "pool:"),
+        "stages[1].pool.kind",
+        "one of async (",
+    )
     assert str(err).endswith('got "thread"')
 
 
@@ -385,6 +406,13 @@ def test_real_embed_api_key_env_message(tmp_path: Path) -> None:
         "stages[0].with.api_key_env: expected the name of a set environment variable, "
         "EMBEDDING_API_KEY is not set"
     )
+
+
+def test_a_secret_pasted_as_the_variable_name_is_not_echoed(tmp_path: Path) -> None:
+    err = load_error(tmp_path, GOOD.replace("key_env: TOY_KEY", "key_env: sk-proj-12345"))
+    line = line_of(GOOD, "key_env")
+    assert_says(err, tmp_path / "pipeline.yaml", line, "stages[1].with.key_env", "not the secret")
+    assert "sk-proj-12345" not in str(err)
 
 
 @pytest.mark.parametrize(
@@ -432,17 +460,27 @@ def test_stage_check_problem_is_reported_at_its_key(tmp_path: Path) -> None:
 
 def test_memory_cap_needs_a_process_pool(tmp_path: Path) -> None:
     err = load_error(tmp_path, GOOD.replace("timeout_s: 5", "memory_mb: 512"))
-    assert_says(err, tmp_path / "pipeline.yaml", 11, "stages[1].memory_mb", "on a async pool")
+    line = line_of(GOOD, "timeout_s")
+    assert_says(err, tmp_path / "pipeline.yaml", line, "stages[1].memory_mb", "on this async pool")
 
 
 def test_retry_cap_below_base(tmp_path: Path) -> None:
     err = load_error(tmp_path, GOOD.replace("{attempts: 2}", "{base_s: 5, cap_s: 1}"))
-    assert_says(err, tmp_path / "pipeline.yaml", 12, "stages[1].retry.cap_s", "a number >= base_s")
+    assert_says(
+        err,
+        tmp_path / "pipeline.yaml",
+        line_of(GOOD, "retry"),
+        "stages[1].retry.cap_s",
+        "a number >= base_s",
+    )
 
 
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
     err = load_error(tmp_path, GOOD.replace("    queue: 3", "    queue: 3\n    queue: 4"))
-    assert_says(err, tmp_path / "pipeline.yaml", 11, "stages[1].queue", "(first at line 10)")
+    first = line_of(GOOD, "queue")
+    assert_says(
+        err, tmp_path / "pipeline.yaml", first + 1, "stages[1].queue", f"(first at line {first})"
+    )
 
 
 def test_stage_that_is_not_a_mapping(tmp_path: Path) -> None:
@@ -464,6 +502,9 @@ def test_registry_finds_entry_points_and_module_paths() -> None:
         resolve("no_such_module_here:Stage")
 
 
+EMBED_WITH = (
+    '{url: "http://127.0.0.1:8000/v1", model: hash-384, api_key_env: EMBEDDING_API_KEY, batch: 64}'
+)
 REAL = """\
 source: {path: examples/pdfs, glob: "**/*.pdf", prune: true}
 state: .pipeline/state.db
@@ -482,12 +523,12 @@ stages:
   - name: embed
     uses: openai.embed
     pool: {kind: async, size: 64}
-    with: {url: "http://127.0.0.1:8000/v1", model: hash-384, api_key_env: EMBEDDING_API_KEY, batch: 64}
+    with: EMBED_WITH
   - name: store
     uses: qdrant.upsert
     pool: {kind: thread, size: 1}
     with: {path: .pipeline/qdrant, collection: documents}
-"""
+""".replace("EMBED_WITH", EMBED_WITH)
 
 
 def test_the_documented_pipeline_yaml_loads_with_the_real_stages(tmp_path: Path) -> None:

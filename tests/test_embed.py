@@ -4,6 +4,7 @@ the fault-injecting one."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ from pipeline.errors import (
 )
 from pipeline.stage import Item, QueryEmbedder
 from stages.embed import Embed, parse_retry_after
-from stages.embed_server import EmbeddingServer, embed_texts
+from stages.embed_server import EmbeddingRequest, EmbeddingServer, embed_texts, embedding_reply
 from tests.fault_server import FaultServer
 
 KEY_ENV = "EMBEDDING_API_KEY"
@@ -232,6 +233,29 @@ async def test_a_garbage_body_is_a_bad_response(
     with pytest.raises(TransientError) as caught:
         await faulty.process(chunks("hello", "world"))
     assert caught.value.reason == "bad_response"
+
+
+async def test_embeddings_are_placed_by_their_index(
+    faulty: Embed, fault_server: FaultServer
+) -> None:
+    reply = embedding_reply(EmbeddingRequest(["first", "second"], "m", "base64"))
+    reply["data"].reverse()
+    fault_server.reply_next(200, body=json.dumps(reply))
+    out = await faulty.process(chunks("first", "second"))
+    expected = embed_texts(["first", "second"])
+    assert np.array_equal(np.asarray([i.data["vector"] for i in out], dtype=np.float32), expected)
+
+
+async def test_vectors_of_another_size_than_dimensions_are_fatal(fault_server: FaultServer) -> None:
+    """A server that ignores `dimensions` would fail every document the same way."""
+    fault_server.reply_next(200, body=json.dumps(embedding_reply(EmbeddingRequest(["x"], "m"))))
+    stage = make_stage(fault_server.url, dimensions=32)
+    await stage.open()
+    try:
+        with pytest.raises(FatalError, match="384-dimension"):
+            await stage.process(chunks("x"))
+    finally:
+        await stage.close()
 
 
 async def test_a_hung_request_times_out_then_release_lets_requests_through(

@@ -6,23 +6,26 @@ tmp_path with no network; the unreachable-server test dials a closed local port.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from pipeline.errors import FatalError
+from pipeline.errors import FatalError, PermanentError, TransientError
 from pipeline.stage import Hit, Item, Searcher
 from stages.qdrant import Upsert, point_id
 
@@ -220,7 +223,7 @@ def test_edge_store_held_by_another_process_raises_fatal_in_use(tmp_path: Path) 
     holder.process(chunks("a.pdf", 1))
     script = textwrap.dedent(
         f"""
-        from pipeline.errors import FatalError
+        from pipeline.errors import FatalError, PermanentError, TransientError
         from stages.qdrant import Upsert
         try:
             Upsert({{"path": {str(tmp_path / "store")!r}}}, name="store").open()
@@ -289,6 +292,104 @@ def test_unreachable_server_raises_fatal_without_the_api_key(
     assert time.monotonic() - started < 5
     assert "s3cret-key-value" not in str(caught.value)
     assert "s3cret-key-value" not in caplog.text
+
+
+class StubServer(ThreadingHTTPServer):
+    """A stand-in Qdrant server on 127.0.0.1: "no such collection", then `status` for the rest."""
+
+    status = 503
+    exists_status = 200
+    api_keys: list[str | None]
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    server: StubServer
+
+    def answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.api_keys.append(self.headers.get("api-key"))
+        if self.path.endswith("/exists") and self.server.exists_status == 200:
+            code, body = 200, {"result": {"exists": False}, "status": "ok", "time": 0.0}
+        else:
+            code = self.server.status if not self.path.endswith("/exists") else 403
+            body = {"status": {"error": f"injected {code}"}, "time": 0.0}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Retry-After", "7")
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        del format, args
+
+
+@pytest.fixture
+def stub() -> Iterator[StubServer]:
+    server = StubServer(("127.0.0.1", 0), StubHandler)
+    server.api_keys = []
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    yield server
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def server_store(stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> Upsert:
+    monkeypatch.setenv("TEST_QDRANT_KEY", "s3cret-key-value")
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    params = {"url": url, "engine": "qdrant-client", "api_key_env": "TEST_QDRANT_KEY"}
+    return Upsert(params, name="store")
+
+
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+def test_server_rejecting_the_api_key_is_fatal_at_open(
+    stub: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub.exists_status = 403
+    store = server_store(stub, monkeypatch)
+
+    with pytest.raises(FatalError, match="rejected the API key: 403") as caught:
+        store.open()
+
+    assert stub.api_keys == ["s3cret-key-value"]  # sent, and only to the server
+    assert "s3cret-key-value" not in str(caught.value)
+
+
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+@pytest.mark.parametrize(
+    ("status", "error", "reason"),
+    [
+        (503, TransientError, "http_503"),
+        (429, TransientError, "http_429"),
+        (400, PermanentError, "http_400"),
+    ],
+)
+def test_server_errors_mid_run_map_to_the_error_tree(
+    stub: StubServer,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    error: type[Exception],
+    reason: str,
+) -> None:
+    stub.status = status
+    store = server_store(stub, monkeypatch)
+    store.open()
+    try:
+        assert store.search(vector_for("a.pdf", 0), limit=3) == []  # no collection yet
+        with pytest.raises(error) as caught:
+            store.process(chunks("a.pdf", 2))
+    finally:
+        store.close()
+    assert type(caught.value) is error
+    assert getattr(caught.value, "reason", None) == reason
+    if status != 400:
+        assert getattr(caught.value, "retry_after", None) == 7
+        assert getattr(caught.value, "cool_pool", None) is (status == 429)
 
 
 @pytest.mark.parametrize(
