@@ -366,8 +366,9 @@ class _Loader:
             elif param.type == "env" and value not in self.env:
                 expected = f"the name of a set environment variable, {value} is not set"
                 raise self.fail((*at, name), expected, show_got=False)
-        for problem in cls.check(values):
-            raise self.fail((*at, problem.key), problem.expected, problem.got)
+        problems = cls.check(dict(values))
+        if problems:  # one error per run, like every other mistake: the first
+            raise self.fail((*at, problems[0].key), problems[0].expected, problems[0].got)
         return values
 
     def resolve_path(self, value: str) -> Path:

@@ -39,6 +39,7 @@ __all__ = [
     "Rule",
     "json_schema",
     "param_key",
+    "schema_text",
     "write_schema",
 ]
 
@@ -241,7 +242,7 @@ def param_key(param: Param) -> Key:
     rules: dict[str, Rule] = {
         "int": integer(param.minimum),
         "float": number(param.minimum),
-        "str": text("a string"),
+        "str": text(),
         "bool": FLAG,
         "url": URL,
         "env": ENV_NAME,
@@ -279,32 +280,42 @@ def json_schema() -> dict[str, Any]:
     }
 
 
+def schema_text() -> str:
+    """`json_schema()` as shipped and printed: pretty, sorted keys, final newline,
+    so regenerating an unchanged schema leaves the file byte for byte the same."""
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
 def write_schema(path: Path) -> None:
-    """Write `json_schema()` as the shipped file: pretty, sorted keys, final newline."""
-    path.write_text(_render(), encoding="utf-8")
+    """Write the shipped file (pipeline.schema.json at the repository root)."""
+    path.write_text(schema_text(), encoding="utf-8")
 
 
 def main() -> None:
     """Print the schema, for `python -m pipeline.schema > pipeline.schema.json`."""
-    sys.stdout.write(_render())
-
-
-def _render() -> str:
-    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    sys.stdout.write(schema_text())
 
 
 def _kind_schema(kind: str) -> dict[str, Any]:
+    """Within a stage that uses `kind`: its `with:` keys and pool kinds.
+
+    When a parameter is required, `with:` is too and may not be null, as the
+    loader then reports the missing parameter.
+    """
     cls = resolve(kind)
     params = {name: param_key(param) for name, param in cls.PARAMS.items()}
-    return {
-        "if": {"properties": {"uses": {"const": kind}}, "required": ["uses"]},
-        "then": {
-            "properties": {
-                "with": {"anyOf": [section(params).json, {"type": "null"}]},
-                "pool": {"properties": {"kind": {"enum": list(cls.POOLS)}}},
-            }
-        },
+    with_schema: dict[str, Any] = dict(section(params).json)
+    then: dict[str, Any] = {
+        "properties": {
+            "with": with_schema,
+            "pool": {"properties": {"kind": {"enum": list(cls.POOLS)}}},
+        }
     }
+    if any(key.required for key in params.values()):
+        then["required"] = ["with"]
+    else:
+        then["properties"]["with"] = {"anyOf": [with_schema, {"type": "null"}]}
+    return {"if": {"properties": {"uses": {"const": kind}}, "required": ["uses"]}, "then": then}
 
 
 if __name__ == "__main__":

@@ -71,10 +71,21 @@ class Upsert(Stage):
         "url": Param("url", default=None, doc="A Qdrant server (needs engine qdrant-client)."),
         "api_key_env": Param("env", default=None, doc="Variable holding the server API key."),
         "collection": Param("str", default="documents", doc="Collection (Edge: sub-folder)."),
-        "engine": Param("str", default="edge", choices=("edge", "qdrant-client")),
+        "engine": Param(
+            "str",
+            default="edge",
+            choices=("edge", "qdrant-client"),
+            doc="edge: embedded, one process at a time; qdrant-client: a server at url, "
+            "or local mode in path (small corpora only).",
+        ),
         "batch": Param("int", default=256, minimum=1, doc="Points per upsert."),
         "flush_every": Param("int", default=16, minimum=1, doc="Edge: flush every N upserts."),
-        "distance": Param("str", default="cosine", choices=("cosine", "dot", "euclid")),
+        "distance": Param(
+            "str",
+            default="cosine",
+            choices=("cosine", "dot", "euclid"),
+            doc="Vector similarity; fixed when the store is created.",
+        ),
         "timeout": Param("int", default=10, minimum=1, doc="Seconds per server request."),
     }
     POOLS: ClassVar[tuple[PoolKind, ...]] = ("thread",)
