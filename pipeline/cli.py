@@ -93,7 +93,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 def _setup_logging(level: int, fmt: str) -> None:
     del fmt
     logging.basicConfig(
-        level={-1: logging.WARNING, 0: logging.INFO}.get(level, logging.DEBUG if level > 0 else logging.ERROR),
+        level={-1: logging.WARNING, 0: logging.INFO}.get(
+            level, logging.DEBUG if level > 0 else logging.ERROR
+        ),
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -172,9 +174,11 @@ async def _search(config: PipelineConfig, query: str, k: int) -> list[Any]:
             searcher = stage
     if embedder is None or searcher is None:
         raise ConfigError(
-            str(config.file), "stages", "an embedding stage and a store stage to search with",
+            str(config.file),
+            "stages",
+            "an embedding stage and a store stage to search with",
             show_got=False,
-        )  # fmt: skip
+        )
     await embedder.open()
     try:
         vector = (await embedder.embed_texts([query]))[0]

@@ -97,7 +97,8 @@ class Intake:
             and record.status == "indexed"
             and (record.size, record.mtime_ns) == (entry.size, entry.mtime_ns)
         ):
-            return self._unchanged(path)
+            self._unchanged(path)
+            return None
         try:
             sha256 = await asyncio.to_thread(file_sha256, entry.file)
         except OSError as exc:
@@ -108,7 +109,8 @@ class Intake:
             return None
         if record is not None and record.sha256 == sha256:
             if record.status == "indexed":
-                return self._unchanged(path)
+                self._unchanged(path)
+                return None
             if record.status == "failed":
                 state.seen(path, self._run)
                 outcome.skipped += 1
@@ -117,9 +119,13 @@ class Intake:
         original = state.indexed_with_hash(sha256, other_than=path)
         if original is not None:
             state.mark_skipped(
-                path, reason="duplicate", message=f"same bytes as {original}", run=self._run,
-                sha256=sha256, duplicate_of=original,
-            )  # fmt: skip
+                path,
+                reason="duplicate",
+                message=f"same bytes as {original}",
+                run=self._run,
+                sha256=sha256,
+                duplicate_of=original,
+            )
             outcome.skipped += 1
             outcome.duplicates += 1
             return None
@@ -142,4 +148,3 @@ class Intake:
             self._seen_uncommitted = 0
         self._outcome.skipped += 1
         self._outcome.unchanged += 1
-        return None

@@ -32,29 +32,40 @@ class Metrics:
             "pipeline_documents", "Documents finished, by status", ["status"], registry=r
         )
         self.queue_depth = Gauge(
-            "pipeline_queue_depth", "Items waiting in the channel feeding a stage", ["stage"],
+            "pipeline_queue_depth",
+            "Items waiting in the channel feeding a stage",
+            ["stage"],
             registry=r,
-        )  # fmt: skip
+        )
         self.queue_capacity = Gauge(
-            "pipeline_queue_capacity", "Capacity of the channel feeding a stage", ["stage"],
+            "pipeline_queue_capacity",
+            "Capacity of the channel feeding a stage",
+            ["stage"],
             registry=r,
-        )  # fmt: skip
+        )
         self.workers_busy = Gauge(
             "pipeline_workers_busy", "Workers of a stage working on a batch", ["stage"], registry=r
         )
         self.workers = Gauge("pipeline_workers", "Workers of a stage", ["stage"], registry=r)
         self.stage_seconds = Histogram(
-            "pipeline_stage_seconds", "Time a stage took per batch, retries included", ["stage"],
-            buckets=_SECONDS_BUCKETS, registry=r,
-        )  # fmt: skip
+            "pipeline_stage_seconds",
+            "Time a stage took per batch, retries included",
+            ["stage"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.busy_seconds = Counter(
-            "pipeline_stage_busy_seconds", "Worker-seconds a stage spent working", ["stage"],
+            "pipeline_stage_busy_seconds",
+            "Worker-seconds a stage spent working",
+            ["stage"],
             registry=r,
-        )  # fmt: skip
+        )
         self.items = Counter(
-            "pipeline_items", "Items a stage finished, by outcome", ["stage", "outcome"],
+            "pipeline_items",
+            "Items a stage finished, by outcome",
+            ["stage", "outcome"],
             registry=r,
-        )  # fmt: skip
+        )
         self.retries = Counter(
             "pipeline_retries", "Retries of transient failures", ["stage", "reason"], registry=r
         )

@@ -62,9 +62,14 @@ def open_pool(
     stage = cls(params, name=name, concurrency=size)  # cheap by contract: no I/O before open()
     if kind == "process":
         return ProcessPool(
-            uses=uses, name=name, size=size, params=params, timeout_s=timeout_s,
-            memory_mb=memory_mb, batch_size=stage.batch_size,
-        )  # fmt: skip
+            uses=uses,
+            name=name,
+            size=size,
+            params=params,
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+            batch_size=stage.batch_size,
+        )
     if kind == "thread":
         if not isinstance(stage, Stage):
             raise TypeError(f"{uses} is not a blocking stage and cannot run on a thread pool")
@@ -192,7 +197,7 @@ class ProcessPool:
         del docs  # process stages keep nothing between documents
 
     async def close(self) -> None:
-        self._pool.stop()
+        self._pool.stop()  # type: ignore[no-untyped-call]
         await asyncio.get_running_loop().run_in_executor(None, self._pool.join)
 
 

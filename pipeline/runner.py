@@ -69,6 +69,12 @@ class _Stage:
         self.batch_size = pool.batch_size
         self.view = StageView(cfg.name, pool.kind, pool.size, capacity=inbox.capacity)
 
+    def depth(self) -> float:
+        return self.inbox.depth
+
+    def busy(self) -> float:
+        return self.view.busy
+
 
 class Runner:
     """One run of a pipeline over its source; `await run()` returns the outcome."""
@@ -140,10 +146,15 @@ class Runner:
         try:
             await self._open_stages()
             self._intake = Intake(
-                root=self.config.source.path, pattern=self.config.source.glob,
-                state=self.state, run=run_id, ledger=self.ledger, outcome=self.outcome,
-                discard=self._discard, on_handed=self.metrics.source_documents.inc,
-            )  # fmt: skip
+                root=self.config.source.path,
+                pattern=self.config.source.glob,
+                state=self.state,
+                run=run_id,
+                ledger=self.ledger,
+                outcome=self.outcome,
+                discard=self._discard,
+                on_handed=self.metrics.source_documents.inc,
+            )
             if self.outcome.stopped_by is not None:
                 self._intake.stop()
             self._work = asyncio.create_task(self._flow(self._intake))
@@ -166,9 +177,11 @@ class Runner:
             await self._close_stages()
             self.outcome.seconds = time.monotonic() - started
             self.state.end_run(
-                run_id, outcome=self.outcome.outcome, exit_code=self.outcome.exit_code,
+                run_id,
+                outcome=self.outcome.outcome,
+                exit_code=self.outcome.exit_code,
                 summary=self.outcome.to_dict(),
-            )  # fmt: skip
+            )
             self.metrics.dead_letters.set(self.state.counts().get("failed", 0))
         if self.outcome.fatal:
             logger.error("run %d stopped: %s", run_id, self.outcome.fatal)
@@ -178,20 +191,32 @@ class Runner:
     async def _open_stages(self) -> None:
         for cfg in self.config.stages:
             pool = open_pool(
-                cfg.cls, uses=cfg.uses, name=cfg.name, kind=cfg.pool.kind, size=cfg.pool.size,
-                params=cfg.params, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
-            )  # fmt: skip
+                cfg.cls,
+                uses=cfg.uses,
+                name=cfg.name,
+                kind=cfg.pool.kind,
+                size=cfg.pool.size,
+                params=cfg.params,
+                timeout_s=cfg.timeout_s,
+                memory_mb=cfg.memory_mb,
+            )
             inbox: Channel[Item] = Channel(cfg.queue, on_change=self._touch)
             retry = RetryPolicy(
-                attempts=cfg.retry.attempts, base=cfg.retry.base_s, cap=cfg.retry.cap_s,
-                sleep=self._sleep, on_retry=self._retry_counter(cfg.name),
-            )  # fmt: skip
+                attempts=cfg.retry.attempts,
+                base=cfg.retry.base_s,
+                cap=cfg.retry.cap_s,
+                sleep=self._sleep,
+                on_retry=self._retry_counter(cfg.name),
+            )
             st = _Stage(cfg, pool, inbox, retry)
             self._stages.append(st)
             self.metrics.watch_stage(
-                cfg.name, capacity=cfg.queue, workers=pool.size,
-                depth=lambda ch=inbox: ch.depth, busy=lambda v=st.view: v.busy,
-            )  # fmt: skip
+                cfg.name,
+                capacity=cfg.queue,
+                workers=pool.size,
+                depth=st.depth,
+                busy=st.busy,
+            )
             await pool.open()
 
     async def _close_stages(self) -> None:

@@ -8,6 +8,7 @@ state database's lock for a run, so a second run fails here, before any work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -72,10 +73,8 @@ async def _drive(runner: Runner, *, live: bool) -> RunOutcome:
         return await task
     finally:
         watcher.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        except asyncio.CancelledError:
-            pass
 
 
 async def _watch(runner: Runner, *, live: bool) -> None:
@@ -94,8 +93,13 @@ async def _watch(runner: Runner, *, live: bool) -> None:
         )
         logger.info(
             "%.0fs: %d discovered, %d indexed, %d skipped, %d failed | %s",
-            time.monotonic() - started, o.discovered, o.indexed, o.skipped, o.failed, stages,
-        )  # fmt: skip
+            time.monotonic() - started,
+            o.discovered,
+            o.indexed,
+            o.skipped,
+            o.failed,
+            stages,
+        )
 
 
 def _write_report(path: Path, runner: Runner, outcome: RunOutcome) -> None:

@@ -97,7 +97,8 @@ class RunState:
     def end_run(self, run: int, *, outcome: str, exit_code: int, summary: dict[str, Any]) -> None:
         with self._db:
             self._db.execute(
-                "UPDATE runs SET finished = ?, outcome = ?, exit_code = ?, summary = ? WHERE id = ?",
+                "UPDATE runs SET finished = ?, outcome = ?, exit_code = ?, summary = ?"
+                " WHERE id = ?",
                 (time.time(), outcome, exit_code, json.dumps(summary), run),
             )
 
@@ -195,7 +196,8 @@ class RunState:
                 " first_seen, updated, seen_run) VALUES (?, 'failed', 'source', ?, ?, 1, ?, ?, ?)"
                 " ON CONFLICT (path) DO UPDATE SET status = 'failed', stage = 'source',"
                 " reason = excluded.reason, message = excluded.message,"
-                " attempts = attempts + 1, updated = excluded.updated, seen_run = excluded.seen_run",
+                " attempts = attempts + 1, updated = excluded.updated,"
+                " seen_run = excluded.seen_run",
                 (path, reason, message, now, now, run),
             )
 

@@ -86,9 +86,12 @@ def print_failed(rows: list[dict[str, Any]]) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(
-            row["path"], row["stage"] or "", row["error"] or "", str(row["attempts"]),
+            row["path"],
+            row["stage"] or "",
+            row["error"] or "",
+            str(row["attempts"]),
             row["message"] or "",
-        )  # fmt: skip
+        )
     _out().print(table)
 
 
@@ -133,9 +136,14 @@ def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float)
         filled = round(10 * v.depth / v.capacity) if v.capacity else 0
         bar = "█" * filled + "·" * (10 - filled)
         table.add_row(
-            v.name, v.kind, f"{v.busy}/{v.workers}", f"{bar} {v.depth}/{v.capacity}",
-            str(v.done), str(v.retries), str(v.failed),
-        )  # fmt: skip
+            v.name,
+            v.kind,
+            f"{v.busy}/{v.workers}",
+            f"{bar} {v.depth}/{v.capacity}",
+            str(v.done),
+            str(v.retries),
+            str(v.failed),
+        )
     return Group(head, table)
 
 

@@ -88,15 +88,20 @@ stages:
 def pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def start(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def rows(folder: Path) -> dict[str, tuple[str, str | None]]:
@@ -106,9 +111,19 @@ def rows(folder: Path) -> dict[str, tuple[str, str | None]]:
 
 
 def collection(folder: Path) -> dict[str, tuple[list[float], dict[str, Any]]]:
-    store = Upsert({"path": folder / "qdrant", "url": None, "collection": "docs",
-                    "engine": "edge", "batch": 64, "flush_every": 16, "distance": "cosine",
-                    "api_key_env": None}, name="store")  # fmt: skip
+    store = Upsert(
+        {
+            "path": folder / "qdrant",
+            "url": None,
+            "collection": "docs",
+            "engine": "edge",
+            "batch": 64,
+            "flush_every": 16,
+            "distance": "cosine",
+            "api_key_env": None,
+        },
+        name="store",
+    )
     store.open()
     try:
         return store.points()
@@ -152,8 +167,14 @@ def test_a_folder_of_real_pdfs_ends_indexed_skipped_or_failed_with_reasons(
 def test_kill_9_mid_run_then_rerun_gives_the_collection_of_a_clean_run(
     tmp_path: Path, embed_server: EmbeddingServer
 ) -> None:
-    files = ["manual-43p-qpdf.pdf", "latex-4pages.pdf", "pdfa-crazyones.pdf",
-             "libreoffice-writer-1p.pdf", "google-docs-export.pdf", "multilang-ar-ru-zh.pdf"]  # fmt: skip
+    files = [
+        "manual-43p-qpdf.pdf",
+        "latex-4pages.pdf",
+        "pdfa-crazyones.pdf",
+        "libreoffice-writer-1p.pdf",
+        "google-docs-export.pdf",
+        "multilang-ar-ru-zh.pdf",
+    ]
     clean = make_project(tmp_path / "clean", embed_server.url, files)
     assert pipeline("run", "-c", str(clean), "--no-progress").returncode == 0
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pypdf
 import pytest
-from tests.pdfs import CORPUS, MISSING, Sample, samples
 
 from pipeline.errors import PermanentError
 from pipeline.stage import Item
 from stages.pdf import Extract
+from tests.pdfs import CORPUS, MISSING, Sample, samples
 
 
 @pytest.fixture
