@@ -251,9 +251,9 @@ def _cmd_failed(args: argparse.Namespace) -> int:
 
 def _cmd_schema(args: argparse.Namespace) -> int:
     del args
-    from pipeline.schema import json_schema
+    from pipeline.schema import schema_text
 
-    sys.stdout.write(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    sys.stdout.write(schema_text())
     return EXIT_OK
 
 

@@ -65,7 +65,12 @@ def _walk_dir(
         rel = prefix + entry.name
         full = Path(entry.path)
         if entry.is_symlink():
-            target = full.resolve()
+            try:
+                target = full.resolve()
+            except (OSError, RuntimeError):  # pathlib raises RuntimeError on a symlink loop
+                if match(rel):
+                    yield Entry(rel, full, skip="symlink loop")
+                continue
             if not target.is_relative_to(root):
                 if match(rel):
                     yield Entry(rel, full, skip="symlink leads out of the source folder")

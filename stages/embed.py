@@ -12,6 +12,7 @@ retries by type only:
     timeout, dropped connection, 408, 5xx, garbled 200  -> TransientError
     429                                                 -> TransientError(cool_pool=True)
     401, 403 (the credentials)                          -> FatalError
+    404, 405 (no embeddings API at that url)            -> FatalError
     any other 4xx (an input the server refuses)         -> PermanentError
 
 The API key is read from the environment at `open()` and lives only in the
@@ -214,6 +215,9 @@ class Embed(AsyncStage):
         if code in (401, 403):
             check = f"check the key in ${self._key_env}" if self._key_env else "set api_key_env"
             return FatalError(f"embedding API rejected the credentials (HTTP {code}); {check}")
+        if code in (404, 405):
+            # A wrong url or model fails every request alike: stop, do not dead-letter all.
+            return FatalError(f"{where}: {self._snippet(response)}; check url and model")
         return PermanentError(f"{where}: {self._snippet(response)}", reason=f"http_{code}")
 
     def _snippet(self, response: httpx.Response) -> str:

@@ -3,8 +3,8 @@
 A toy document is a text file; its lines become items. Markers in the text make
 a stage misbehave on purpose, so one corpus exercises every failure path:
 `PERMANENT` (PermanentError), `BUG` (a plain ValueError), `CRASH` (the worker
-process exits), `HANG` (the worker never returns), `POISON` (a batch containing
-this line is rejected as a whole).
+process exits), `HANG` (the worker never returns), `BALLOON` (allocates 2 GiB),
+`POISON` (a batch containing this line is rejected as a whole).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class Lines(Stage):
             text = Path(item.data["file"]).read_text()
             if "CRASH" in text:
                 os._exit(7)
+            if "BALLOON" in text:
+                ballast = bytearray(2 * 1024**3)  # more than the worker's memory cap
+                del ballast
             if "HANG" in text:
                 time.sleep(3600)
             if "PERMANENT" in text:

@@ -379,3 +379,12 @@ async def test_the_key_never_appears_in_errors_logs_or_repr(
             chain = chain.__cause__ or chain.__context__
     assert "[redacted]" in str(errors[0])
     assert not [text for text in shown if SECRET in text]
+
+
+@pytest.mark.parametrize("status", [404, 405])
+async def test_no_embeddings_api_at_the_url_is_fatal(
+    faulty: Embed, fault_server: FaultServer, status: int
+) -> None:
+    fault_server.reply_next(status, body='{"error": {"message": "no such route"}}')
+    with pytest.raises(FatalError, match="check url and model"):
+        await faulty.process(chunks("hello"))

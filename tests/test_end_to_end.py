@@ -233,3 +233,20 @@ def test_an_api_key_is_sent_but_never_shown(tmp_path: Path) -> None:
         dump = "\n".join(db.iterdump())
     assert secret not in dump
     assert rows(tmp_path)["latex-4pages.pdf"][0] == "pending"  # not dead-lettered
+
+
+def test_a_pdf_that_outruns_its_timeout_fails_alone(
+    tmp_path: Path, embed_server: EmbeddingServer
+) -> None:
+    config = make_project(
+        tmp_path, embed_server.url, ["slow-huge-content-stream.pdf", "latex-4pages.pdf"]
+    )
+    config.write_text(config.read_text().replace("timeout_s: 60", "timeout_s: 2"))
+    run = pipeline("run", "-c", str(config), "--no-progress")
+    assert run.returncode == 1, run.stderr
+    assert rows(tmp_path) == {
+        "slow-huge-content-stream.pdf": ("failed", "timeout"),
+        "latex-4pages.pdf": ("indexed", None),
+    }
+    failed = json.loads(pipeline("failed", "-c", str(config), "--json").stdout)
+    assert failed[0]["message"] == "timed out after 2 s"

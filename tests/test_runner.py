@@ -156,6 +156,21 @@ async def test_crashing_and_hanging_workers_fail_only_their_documents(tmp_path: 
     assert examples["lines: timeout"] == "hang.txt: timed out after 2 s"
 
 
+async def test_a_worker_over_its_memory_cap_fails_only_its_document(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "docs", {"big.txt": "BALLOON", "small.txt": "fine"})
+    config = write_config(
+        tmp_path,
+        """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: process, size: 1},
+     memory_mb: 512}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: balloon}}
+""",
+    )
+    _, outcome = await run_once(config)
+    assert (outcome.indexed, outcome.failed) == (1, 1)
+    assert outcome.failure_reasons == {"lines: out_of_memory": 1}
+
+
 async def test_a_stalled_stage_stops_the_source_at_the_channel_bound(tmp_path: Path) -> None:
     write_corpus(tmp_path / "docs", {f"d{i:03}.txt": f"text {i}" for i in range(200)})
     GATES["stall"] = asyncio.Event()
