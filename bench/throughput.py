@@ -148,6 +148,7 @@ class TreeSampler:
     samples: int = 0
     max_processes: int = 0
     _cpu: dict[int, float] = field(default_factory=dict)
+    _names: dict[int, str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -159,6 +160,7 @@ class TreeSampler:
         by_process: dict[str, int] = {}
         for pid, (cpu, name) in tree.items():
             self._cpu[pid] = cpu
+            self._names[pid] = name
             kb = _status_kb(pid)
             if kb is None:
                 continue
@@ -176,6 +178,10 @@ class TreeSampler:
     @property
     def cpu_seconds(self) -> float:
         return sum(self._cpu.values())
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """Last sampled CPU seconds of every process seen, as "name[pid]"."""
+        return {f"{self._names[pid]}[{pid}]": round(cpu, 2) for pid, cpu in self._cpu.items()}
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -203,6 +209,7 @@ class Measured:
     peak_rss_mb: float
     peak_anon_mb: float
     anon_at_peak_mb: dict[str, float]
+    cpu_by_process: dict[str, float]
     processes: int
 
 
@@ -229,6 +236,7 @@ def run_measured(
         peak_rss_mb=sampler.peak_rss_kb / 1024,
         peak_anon_mb=sampler.peak_anon_kb / 1024,
         anon_at_peak_mb={k: round(v / 1024, 1) for k, v in sampler.at_peak.items()},
+        cpu_by_process=sampler.cpu_by_process(),
         processes=sampler.max_processes,
     )
 
@@ -492,6 +500,7 @@ def _pipeline_result(
         "peak_rss_mb": measured.peak_rss_mb,
         "peak_anon_mb": measured.peak_anon_mb,
         "anon_at_peak_mb": measured.anon_at_peak_mb,
+        "cpu_by_process": measured.cpu_by_process,
         "processes": measured.processes,
         "stages": report["stages"],
     }
@@ -569,6 +578,9 @@ def _print_pipeline(r: dict[str, Any]) -> None:
         f"  peak memory of {r['processes']} processes: VmRSS {r['peak_rss_mb']:.0f} MB, "
         f"RssAnon {r['peak_anon_mb']:.0f} MB; CPU {r['cpu_s']:.1f} s "
         f"(+ embedding server {r['server_cpu_s']:.1f} s)"
+    )
+    print(
+        "  CPU s by process: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_by_process"].items())
     )
     for s in r["stages"]:
         print(

@@ -14,6 +14,7 @@ No sentinel rides in-band, so no stage can mistake data for a control message.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class Channel(Generic[T]):
         self._waiting_receivers = 0
         self._on_change = on_change or _nothing
         self._wakers: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly
+        self._full_since: float | None = None
+        self._full_seconds = 0.0
 
     @property
     def depth(self) -> int:
@@ -63,6 +66,15 @@ class Channel(Generic[T]):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def full_seconds(self) -> float:
+        """How long the channel has been full in all: the time its producers were held back."""
+        ongoing = time.monotonic() - self._full_since if self._full_since is not None else 0.0
+        return self._full_seconds + ongoing
+
+    def full_since(self) -> float | None:
+        """When the channel last became full (time.monotonic), if it is full now."""
+        return self._full_since
 
     def statistics(self) -> ChannelStats:
         return ChannelStats(
@@ -89,6 +101,8 @@ class Channel(Generic[T]):
             if self._closed:
                 raise ChannelClosed
             self._items.append(item)
+            if len(self._items) >= self.capacity:
+                self._full_since = time.monotonic()
             self._not_empty.notify()
             self._on_change()
 
@@ -109,6 +123,9 @@ class Channel(Generic[T]):
                     self._waiting_receivers -= 1
             taken = [self._items.popleft() for _ in range(min(most, len(self._items)))]
             if taken:
+                if self._full_since is not None:
+                    self._full_seconds += time.monotonic() - self._full_since
+                    self._full_since = None
                 self._not_full.notify(len(taken))
                 if self._items:
                     self._not_empty.notify()

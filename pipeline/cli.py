@@ -28,7 +28,7 @@ logger = logging.getLogger("pipeline")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose - args.quiet, getattr(args, "log_format", "text"))
+    _setup_logging(args.verbose - args.quiet, args.log_format)
     try:
         code: int = args.command(args)
     except ConfigError as exc:
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("-q", "--quiet", action="count", default=0)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
@@ -91,17 +92,32 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_logging(level: int, fmt: str) -> None:
-    del fmt
-    logging.basicConfig(
-        level={-1: logging.WARNING, 0: logging.INFO}.get(
-            level, logging.DEBUG if level > 0 else logging.ERROR
-        ),
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    """-q: warnings only; default: info (start, stop, resume, each failed document); -v: debug."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
     for noisy in ("httpx", "httpcore", "pypdf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 def _err(text: str) -> None:

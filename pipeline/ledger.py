@@ -11,6 +11,7 @@ are held, so memory follows the channel capacities, not the corpus.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from pipeline.errors import StageError
@@ -21,6 +22,7 @@ __all__ = ["Finished", "Ledger"]
 @dataclass(slots=True)
 class _Open:
     kind: str  # "added" or "updated", for the run summary
+    started: float = field(default_factory=time.monotonic)
     outstanding: int = 1
     sunk: int = 0  # items the last stage acknowledged
     failure: tuple[str, StageError] | None = None  # (stage, error), the first one
@@ -34,6 +36,7 @@ class Finished:
     kind: str
     sunk: int
     failure: tuple[str, StageError] | None
+    seconds: float  # from entering the pipeline to leaving it
 
 
 @dataclass(slots=True)
@@ -74,7 +77,8 @@ class Ledger:
         if entry.outstanding > 0:
             return None
         del self._open[doc]
-        return Finished(doc, entry.kind, entry.sunk, entry.failure)
+        seconds = time.monotonic() - entry.started
+        return Finished(doc, entry.kind, entry.sunk, entry.failure, seconds)
 
     def in_flight(self) -> list[str]:
         return list(self._open)

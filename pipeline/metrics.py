@@ -9,10 +9,14 @@ hot path pays nothing for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from pipeline.stage import StageBase
 
 __all__ = ["Metrics"]
 
@@ -89,7 +93,31 @@ class Metrics:
         for outcome in ("ok", "failed"):
             self.items.labels(stage, outcome)
 
+    def watch_counters(self, stage: StageBase) -> None:
+        """Export the counters a stage keeps itself (its COUNTERS), read at scrape time."""
+        if stage.COUNTERS:
+            self.registry.register(_StageCounters(stage))
+
     def serve(self, port: int, *, host: str = "127.0.0.1") -> Any:
         """Serve /metrics for the life of the run; returns the server to shut down."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server
+
+
+class _StageCounters(Collector):
+    """`pipeline_<counter>_total{stage, <label>}` from a stage's own `counts`."""
+
+    def __init__(self, stage: StageBase) -> None:
+        self._stage = stage
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return self.collect()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stage = self._stage
+        for counter, (label, doc) in stage.COUNTERS.items():
+            family = CounterMetricFamily(f"pipeline_{counter}", doc, labels=["stage", label])
+            for (name, value), n in list(stage.counts.items()):
+                if name == counter:
+                    family.add_metric([stage.name, value], n)
+            yield family

@@ -7,6 +7,7 @@ Exit codes are part of the contract scripts rely on:
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ EXIT_CONFIG = 2
 EXIT_FATAL = 3
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 _EXAMPLES_PER_REASON = 5
+_SLOWEST_KEPT = 10
 
 
 @dataclass(slots=True)
@@ -38,6 +40,8 @@ class RunOutcome:
     interrupted: int = 0  # in flight when the run stopped: pending, resumed next run
     chunks: int = 0
     pages: int = 0
+    retry_reasons: Counter[str] = field(default_factory=Counter)  # "stage: reason" -> n
+    slowest: list[tuple[float, str]] = field(default_factory=list)  # a min-heap, bounded
     failure_reasons: Counter[str] = field(default_factory=Counter)
     failure_examples: dict[str, list[str]] = field(default_factory=dict)
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM"
@@ -52,6 +56,13 @@ class RunOutcome:
         examples = self.failure_examples.setdefault(key, [])
         if len(examples) < _EXAMPLES_PER_REASON:
             examples.append(f"{path}: {message}")
+
+    def record_time(self, path: str, seconds: float) -> None:
+        """Keep the slowest documents only: memory stays bounded on any corpus."""
+        if len(self.slowest) < _SLOWEST_KEPT:
+            heapq.heappush(self.slowest, (seconds, path))
+        elif seconds > self.slowest[0][0]:
+            heapq.heapreplace(self.slowest, (seconds, path))
 
     @property
     def exit_code(self) -> int:
@@ -85,6 +96,11 @@ class RunOutcome:
             "removed": self.removed,
             "interrupted": self.interrupted,
             "chunks": self.chunks,
+            "pages": self.pages,
+            "retries_by_reason": dict(self.retry_reasons),
+            "slowest_documents": [
+                {"path": path, "seconds": round(sec, 3)} for sec, path in sorted(self.slowest)[::-1]
+            ],
             "failures_by_reason": dict(self.failure_reasons),
             "failure_examples": self.failure_examples,
             "stopped_by": self.stopped_by,

@@ -41,6 +41,10 @@ class Pool(Protocol):
     size: int
     batch_size: int
 
+    @property
+    def stage(self) -> StageBase | None:
+        """The stage's copy in this process, if it runs here (not on worker processes)."""
+
     async def open(self) -> None: ...
     async def run(self, items: list[Item]) -> list[Item]: ...
     async def discard(self, docs: Sequence[str]) -> None: ...
@@ -165,6 +169,7 @@ class ProcessPool:
     ) -> None:
         self.size = size
         self.batch_size = batch_size
+        self.stage: StageBase | None = None  # each worker process holds its own copy
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
         self._pool = pebble.ProcessPool(

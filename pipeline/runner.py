@@ -19,10 +19,12 @@ way documents not finished stay `pending` and the next run resumes them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.channel import Channel
 from pipeline.config import PipelineConfig, StageConfig
@@ -58,6 +60,9 @@ class StageView:
     failed: int = 0
     retries: int = 0
     busy_seconds: float = 0.0
+    full_seconds: float = 0.0  # time its input channel was full
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    running: dict[int, float] = field(default_factory=dict)  # batch -> started (monotonic)
 
 
 class _Stage:
@@ -98,13 +103,22 @@ class Runner:
         self._work: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._cancelled = False
+        self._tokens = itertools.count()
 
     # -- observation -------------------------------------------------------------
 
     def views(self) -> list[StageView]:
         for st in self._stages:
             st.view.depth = st.inbox.depth
+            st.view.full_seconds = st.inbox.full_seconds()
         return [st.view for st in self._stages]
+
+    def full_since(self, stage: str) -> float | None:
+        """When the channel feeding `stage` became full, if it is full now."""
+        for st in self._stages:
+            if st.cfg.name == stage:
+                return st.inbox.full_since()
+        return None
 
     def _touch(self) -> None:
         self._changed.set()
@@ -217,6 +231,8 @@ class Runner:
                 depth=st.depth,
                 busy=st.busy,
             )
+            if pool.stage is not None:
+                self.metrics.watch_counters(pool.stage)
             await pool.open()
 
     async def _close_stages(self) -> None:
@@ -229,6 +245,7 @@ class Runner:
     def _retry_counter(self, stage: str) -> Callable[[TransientError], None]:
         def count(error: TransientError) -> None:
             self.metrics.retries.labels(stage, error.reason).inc()
+            self.outcome.retry_reasons[f"{stage}: {error.reason}"] += 1
             for st in self._stages:
                 if st.cfg.name == stage:
                     st.view.retries += 1
@@ -269,6 +286,9 @@ class Runner:
                 self.ledger.add(out.doc)
                 if outbox is None:
                     self.ledger.sink(out.doc)
+                pages = out.data.get("pages")
+                if isinstance(pages, list):  # the documented field of page-producing stages
+                    self.outcome.pages += len(pages)
             for item, error in failures:
                 self.ledger.fail(item.doc, stage=st.cfg.name, error=error)
             st.view.done += len(live) - len(failures)
@@ -290,6 +310,8 @@ class Runner:
         st.view.busy += 1
         self._touch()
         began = time.monotonic()
+        token = next(self._tokens)
+        st.view.running[token] = began
         try:
             return [*await st.retry.call(lambda: st.pool.run(items))], []
         except TransientError as exc:
@@ -309,6 +331,8 @@ class Runner:
         finally:
             elapsed = time.monotonic() - began
             st.view.busy -= 1
+            del st.view.running[token]
+            st.view.durations.append(elapsed)
             st.view.busy_seconds += elapsed
             self.metrics.stage_seconds.labels(st.cfg.name).observe(elapsed)
             self.metrics.busy_seconds.labels(st.cfg.name).inc(elapsed)
@@ -325,6 +349,7 @@ class Runner:
 
     async def _finish(self, done: Finished) -> None:
         outcome = self.outcome
+        outcome.record_time(done.doc, done.seconds)
         if done.failure is None:
             self.state.mark_indexed(done.doc, chunks=done.sunk)
             outcome.indexed += 1

@@ -19,14 +19,16 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
+from pipeline.report import Watchdog, build_report, hints
 from pipeline.runner import Runner
 from pipeline.state import open_state
 
-__all__ = ["run_session"]
+__all__ = ["run_session", "status_line"]
 
 logger = logging.getLogger(__name__)
 
-_PLAIN_EVERY_S = 10.0
+PLAIN_EVERY_S = 10.0
+_WATCH_EVERY_S = 1.0
 
 
 def run_session(
@@ -39,8 +41,13 @@ def run_session(
 ) -> int:
     """Run the pipeline once; returns the exit code (see pipeline.outcome)."""
     state = open_state(config.state, exclusive=True)
+    pending = state.counts().get("pending", 0)
+    if pending:
+        logger.info("resuming: %d documents were pending from an earlier run", pending)
     metrics = Metrics()
     server = metrics.serve(metrics_port, host=metrics_host) if metrics_port is not None else None
+    if server is not None:
+        logger.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     try:
         runner = Runner(config, state=state, metrics=metrics)
         outcome = asyncio.run(_drive(runner, live=progress and sys.stderr.isatty()))
@@ -50,9 +57,10 @@ def run_session(
         state.close()
     from pipeline.terminal import print_summary
 
-    print_summary(outcome, runner.views())
+    views = runner.views()
+    print_summary(outcome, hints(views, seconds=outcome.seconds))
     if report is not None:
-        _write_report(report, runner, outcome)
+        report.write_text(json.dumps(build_report(outcome, views), indent=2) + "\n")
     return outcome.exit_code
 
 
@@ -68,58 +76,47 @@ async def _drive(runner: Runner, *, live: bool) -> RunOutcome:
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, lambda: runner.stop(signal_name="SIGTERM"))
     task = asyncio.create_task(runner.run())
-    watcher = asyncio.create_task(_watch(runner, live=live))
-    try:
-        return await task
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-
-
-async def _watch(runner: Runner, *, live: bool) -> None:
-    """The live view on a terminal; elsewhere a plain status line every 10 s."""
+    watchers = [asyncio.create_task(_warn(runner))]
     if live:
         from pipeline.terminal import live_view
 
-        await live_view(runner)
-        return
+        watchers.append(asyncio.create_task(live_view(runner)))
+    else:
+        watchers.append(asyncio.create_task(_plain(runner)))
+    try:
+        return await task
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+def status_line(runner: Runner, *, elapsed: float) -> str:
+    """The progress line for logs when there is no terminal to draw on."""
+    o = runner.outcome
+    stages = " ".join(
+        f"{v.name}[{v.busy}/{v.workers} busy, queue {v.depth}/{v.capacity}]" for v in runner.views()
+    )
+    return (
+        f"{elapsed:.0f}s: {o.indexed + o.skipped + o.failed}/{o.discovered} documents "
+        f"({o.indexed} indexed, {o.skipped} skipped, {o.failed} failed), "
+        f"{o.pages} pages, {o.chunks} chunks | {stages}"
+    )
+
+
+async def _plain(runner: Runner) -> None:
     started = time.monotonic()
     while True:
-        await asyncio.sleep(_PLAIN_EVERY_S)
-        o = runner.outcome
-        stages = " ".join(
-            f"{v.name}:{v.busy}/{v.workers}busy,q{v.depth}/{v.capacity}" for v in runner.views()
-        )
-        logger.info(
-            "%.0fs: %d discovered, %d indexed, %d skipped, %d failed | %s",
-            time.monotonic() - started,
-            o.discovered,
-            o.indexed,
-            o.skipped,
-            o.failed,
-            stages,
-        )
+        await asyncio.sleep(PLAIN_EVERY_S)
+        logger.info("%s", status_line(runner, elapsed=time.monotonic() - started))
 
 
-def _write_report(path: Path, runner: Runner, outcome: RunOutcome) -> None:
-    seconds = max(outcome.seconds, 1e-9)
-    body = {
-        **outcome.to_dict(),
-        "docs_per_s": outcome.indexed / seconds,
-        "chunks_per_s": outcome.chunks / seconds,
-        "stages": [
-            {
-                "name": v.name,
-                "pool": v.kind,
-                "workers": v.workers,
-                "items_done": v.done,
-                "items_failed": v.failed,
-                "retries": v.retries,
-                "busy_seconds": round(v.busy_seconds, 3),
-                "utilisation": round(v.busy_seconds / (seconds * v.workers), 3),
-            }
-            for v in runner.views()
-        ],
-    }
-    path.write_text(json.dumps(body, indent=2) + "\n")
+async def _warn(runner: Runner) -> None:
+    watchdog = Watchdog()
+    while True:
+        await asyncio.sleep(_WATCH_EVERY_S)
+        views = runner.views()
+        full_since = {v.name: runner.full_since(v.name) for v in views}
+        for warning in watchdog.check(views, full_since, time.monotonic()):
+            logger.warning("%s", warning)

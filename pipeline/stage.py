@@ -23,6 +23,7 @@ output before re-indexing it or after it fails half-written.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -91,11 +92,20 @@ class StageBase:
     PARAMS: ClassVar[Mapping[str, Param]] = {}
     POOLS: ClassVar[tuple[PoolKind, ...]] = ("thread",)  # the first is the default
     DEFAULT_SIZE: ClassVar[int | Literal["auto"]] = 1
+    # Counters the stage keeps about its own work, exported as Prometheus metrics
+    # `pipeline_<name>_total{stage, <label>}`: name -> (label, help). Only stages
+    # running in the engine's process (thread and async pools) are exported.
+    COUNTERS: ClassVar[Mapping[str, tuple[str, str]]] = {}
 
     def __init__(self, params: Mapping[str, Any], *, name: str, concurrency: int = 1) -> None:
         self.params = dict(params)  # validated by the config loader, defaults filled in
         self.name = name
         self.concurrency = concurrency  # copies of `process` that may run at once here
+        self.counts: Counter[tuple[str, str]] = Counter()  # (counter, label value) -> n
+
+    def increment(self, counter: str, label: str) -> None:
+        """Add one to a counter declared in COUNTERS, e.g. ("embedding_requests", "429")."""
+        self.counts[(counter, label)] += 1
 
     @classmethod
     def check(cls, params: Mapping[str, Any]) -> list[ParamProblem]:

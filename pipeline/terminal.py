@@ -7,11 +7,13 @@ rich stays here, out of the engine: the runner exposes plain numbers
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
@@ -95,7 +97,7 @@ def print_failed(rows: list[dict[str, Any]]) -> None:
     _out().print(table)
 
 
-def print_summary(outcome: RunOutcome, views: list[StageView]) -> None:
+def print_summary(outcome: RunOutcome, advice: list[str]) -> None:
     console = Console(stderr=True, highlight=False)
     o = outcome
     console.print(
@@ -117,21 +119,29 @@ def print_summary(outcome: RunOutcome, views: list[StageView]) -> None:
             console.print(f"    {example}")
     if o.fatal:
         console.print(f"[red]stopped: {o.fatal}[/red]")
-    del views
+    for line in advice:
+        console.print(f"hint: {line}")
 
 
 def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float) -> Group:
     """One frame of the live view, from plain numbers: testable without a terminal."""
     o = outcome
     finished = o.indexed + o.failed + o.skipped
-    rate = o.indexed / elapsed if elapsed > 0 else 0.0
+    per_s = elapsed if elapsed > 0 else 1e-9
+    total = f"{o.discovered}" if o.walk_complete else f"{o.discovered}+"
+    eta = ""
+    if o.walk_complete and finished and finished < o.discovered:
+        eta = f" | ETA {(o.discovered - finished) * elapsed / finished:.0f}s"
     head = Text(
-        f"{finished}/{o.discovered} documents ({o.indexed} indexed, {o.skipped} skipped, "
-        f"{o.failed} failed) | {o.chunks} chunks | {rate:.1f} docs/s | {elapsed:.0f}s"
+        f"{finished}/{total} documents ({o.indexed} indexed, {o.skipped} skipped, "
+        f"{o.failed} failed) | {o.pages / per_s:.1f} pages/s | {o.chunks / per_s:.1f} chunks/s"
+        f" | {elapsed:.0f}s{eta}"
     )
     table = Table(expand=False)
-    for column in ("stage", "pool", "busy", "queue", "done", "retries", "failed"):
-        table.add_column(column)
+    for column in ("stage", "pool", "busy", "queue", "done", "rate/s", "retries", "failed"):
+        table.add_column(
+            column, justify="left" if column in ("stage", "pool", "queue") else "right"
+        )
     for v in views:
         filled = round(10 * v.depth / v.capacity) if v.capacity else 0
         bar = "█" * filled + "·" * (10 - filled)
@@ -141,6 +151,7 @@ def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float)
             f"{v.busy}/{v.workers}",
             f"{bar} {v.depth}/{v.capacity}",
             str(v.done),
+            f"{v.done / per_s:.1f}",
             str(v.retries),
             str(v.failed),
         )
@@ -148,10 +159,20 @@ def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float)
 
 
 async def live_view(runner: Runner) -> None:
+    """Redraw a few times a second; log lines print above the view, not through it."""
     started = time.monotonic()
     console = Console(stderr=True)
-    with Live(console=console, auto_refresh=False, transient=False) as live:
-        while True:
-            frame = render_frame(runner.outcome, runner.views(), elapsed=time.monotonic() - started)
-            live.update(frame, refresh=True)
-            await asyncio.sleep(_REDRAW_S)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    handler = RichHandler(console=console, show_path=False, markup=False)
+    root.handlers = [handler]
+    try:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                frame = render_frame(
+                    runner.outcome, runner.views(), elapsed=time.monotonic() - started
+                )
+                live.update(frame, refresh=True)
+                await asyncio.sleep(_REDRAW_S)
+    finally:
+        root.handlers = saved

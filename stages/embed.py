@@ -95,6 +95,9 @@ class Embed(AsyncStage):
     }
     POOLS: ClassVar[tuple[PoolKind, ...]] = ("async",)
     DEFAULT_SIZE: ClassVar[int] = 64
+    COUNTERS: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "embedding_requests": ("code", "Embedding API requests by HTTP status or transport error"),
+    }
 
     def __init__(self, params: Mapping[str, Any], *, name: str, concurrency: int = 1) -> None:
         super().__init__(params, name=name, concurrency=concurrency)
@@ -171,7 +174,12 @@ class Embed(AsyncStage):
         }
         if self._dimensions is not None:
             payload["dimensions"] = self._dimensions
-        response = await self._post(self._client, payload)
+        try:
+            response = await self._post(self._client, payload)
+        except TransientError as exc:
+            self.increment("embedding_requests", exc.reason)  # "timeout" or "connection"
+            raise
+        self.increment("embedding_requests", str(response.status_code))
         if not 200 <= response.status_code < 300:
             raise self._status_error(response)
         return self._vectors(response, len(texts))

@@ -1,0 +1,136 @@
+"""What a run teaches: the JSON report, which stage limited it, and live warnings.
+
+The limiting stage is read off the channels. A slow stage keeps the channel that
+feeds it full, and that holds back every stage before it, so their channels fill
+too: the bottleneck is the furthest downstream stage whose input stayed full for
+much of the run. When no channel stayed full, nothing downstream waited on
+anything: the source and the first stage set the pace.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.outcome import RunOutcome
+from pipeline.runner import StageView
+
+__all__ = ["Watchdog", "build_report", "hints"]
+
+FULL_SHARE_LIMITING = 0.5  # input full for half the run or more: this stage held others back
+QUEUE_FULL_WARN_S = 30.0
+ITEM_SLOW_WARN_S = 60.0
+
+
+def _share(part: float, whole: float) -> float:
+    return min(1.0, part / whole) if whole > 0 else 0.0
+
+
+def _percentile(values: Sequence[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def stage_numbers(view: StageView, *, seconds: float) -> dict[str, Any]:
+    durations = list(view.durations)
+    p50, p95 = _percentile(durations, 50), _percentile(durations, 95)
+    return {
+        "name": view.name,
+        "pool": view.kind,
+        "workers": view.workers,
+        "queue_capacity": view.capacity,
+        "items_done": view.done,
+        "items_failed": view.failed,
+        "retries": view.retries,
+        "busy_seconds": round(view.busy_seconds, 3),
+        "utilisation": round(_share(view.busy_seconds, seconds * view.workers), 3),
+        "queue_full_share": round(_share(view.full_seconds, seconds), 3),
+        "p50_batch_seconds": None if p50 is None else round(p50, 4),
+        "p95_batch_seconds": None if p95 is None else round(p95, 4),
+    }
+
+
+def hints(views: Sequence[StageView], *, seconds: float) -> list[str]:
+    """One line naming the stage that limited the run and what to change."""
+    if not views or seconds <= 0:
+        return []
+    limiting = None
+    for view in views:
+        if _share(view.full_seconds, seconds) >= FULL_SHARE_LIMITING:
+            limiting = view
+    if limiting is None:
+        first = views[0]
+        busy = _share(first.busy_seconds, seconds * first.workers)
+        return [
+            f"{first.name}: no queue stayed full; the source and {first.name} set the pace "
+            f"(workers busy {busy:.0%}): raise stages.{first.name}.pool.size if CPUs are idle"
+        ]
+    full = _share(limiting.full_seconds, seconds)
+    busy = _share(limiting.busy_seconds, seconds * limiting.workers)
+    change = {
+        "process": f"raise stages.{limiting.name}.pool.size (CPU-bound: one worker per core)",
+        "async": f"raise stages.{limiting.name}.pool.size or batch",
+        "thread": f"raise stages.{limiting.name}.pool.size or batch",
+    }[limiting.kind]
+    return [f"{limiting.name}: queue full {full:.0%} of the run, workers busy {busy:.0%}: {change}"]
+
+
+def build_report(outcome: RunOutcome, views: Sequence[StageView]) -> dict[str, Any]:
+    """The `--report` JSON: outcomes, per-stage numbers, rates, hints."""
+    seconds = outcome.seconds
+    per_s = seconds if seconds > 0 else 1e-9
+    return {
+        **outcome.to_dict(),
+        "wall_seconds": round(seconds, 3),
+        "docs_per_s": round(outcome.indexed / per_s, 3),
+        "pages_per_s": round(outcome.pages / per_s, 3),
+        "chunks_per_s": round(outcome.chunks / per_s, 3),
+        "stages": [stage_numbers(v, seconds=seconds) for v in views],
+        "hints": hints(views, seconds=seconds),
+    }
+
+
+class Watchdog:
+    """Warnings while a run works: a queue that stays full, an item that takes too long.
+
+    Each is said once per stage, so a long stall is one line, not a flood.
+    """
+
+    def __init__(
+        self, *, queue_full_s: float = QUEUE_FULL_WARN_S, item_slow_s: float = ITEM_SLOW_WARN_S
+    ) -> None:
+        self.queue_full_s = queue_full_s
+        self.item_slow_s = item_slow_s
+        self._said: set[tuple[str, str]] = set()
+
+    def check(
+        self, views: Sequence[StageView], full_since: dict[str, float | None], now: float
+    ) -> list[str]:
+        said = []
+        for view in views:
+            since = full_since.get(view.name)
+            if since is not None and now - since >= self.queue_full_s:
+                said += self._once(
+                    view.name,
+                    "queue",
+                    f"{view.name}: input queue full for {now - since:.0f} s; "
+                    f"{view.name} is holding back the stages before it",
+                )
+            oldest = min(view.running.values(), default=None)
+            if oldest is not None and now - oldest >= self.item_slow_s:
+                said += self._once(
+                    view.name,
+                    "slow",
+                    f"{view.name}: a worker has been on one batch for {now - oldest:.0f} s",
+                )
+        return said
+
+    def _once(self, stage: str, kind: str, text: str) -> list[str]:
+        if (stage, kind) in self._said:
+            return []
+        self._said.add((stage, kind))
+        return [text]
