@@ -388,3 +388,13 @@ async def test_no_embeddings_api_at_the_url_is_fatal(
     fault_server.reply_next(status, body='{"error": {"message": "no such route"}}')
     with pytest.raises(FatalError, match="check url and model"):
         await faulty.process(chunks("hello"))
+
+
+async def test_requests_are_counted_by_status_for_the_metrics(
+    faulty: Embed, fault_server: FaultServer
+) -> None:
+    fault_server.reply_next(503)
+    with pytest.raises(TransientError):
+        await faulty.process(chunks("hello"))
+    await faulty.process(chunks("hello"))
+    assert faulty.counts == {("embedding_requests", "503"): 1, ("embedding_requests", "200"): 1}

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from stages.embed_server import EmbeddingServer
@@ -250,3 +252,57 @@ def test_a_pdf_that_outruns_its_timeout_fails_alone(
     }
     failed = json.loads(pipeline("failed", "-c", str(config), "--json").stdout)
     assert failed[0]["message"] == "timed out after 2 s"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_a_running_pipeline_shows_its_metrics_status_line_and_report(
+    tmp_path: Path, embed_server: EmbeddingServer
+) -> None:
+    files = ["manual-43p-qpdf.pdf", "latex-4pages.pdf", "broken-zero-bytes.pdf"]
+    port = free_port()
+    report = tmp_path / "report.json"
+    with FaultServer() as server:
+        config = make_project(tmp_path, server.url, files)
+        server.hang()  # hold the run mid-flight while we look at it
+        proc = start(
+            "run", "-c", str(config), "--no-progress", "--metrics-port", str(port),
+            "--report", str(report),
+        )  # fmt: skip
+        assert server.wait_for_requests(1, timeout=60)
+        scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert proc.stderr is not None
+        status = ""
+        while "documents (" not in status:  # the plain status line, every 10 s
+            status = proc.stderr.readline()
+            assert status, "the run ended before printing a status line"
+        server.release()
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    for sample in (
+        'pipeline_queue_depth{stage="embed"}',
+        'pipeline_queue_capacity{stage="extract"} 4.0',
+        'pipeline_workers{stage="embed"} 8.0',
+        'pipeline_workers_busy{stage="embed"}',
+        "pipeline_source_documents_total 3.0",
+        'pipeline_items_total{outcome="ok",stage="extract"}',
+        'pipeline_stage_seconds_bucket{le="0.005",stage="extract"}',
+        'pipeline_stage_busy_seconds_total{stage="extract"}',
+        "pipeline_dead_letters",
+        "# TYPE pipeline_embedding_requests_total counter",
+        "# TYPE pipeline_documents_total counter",
+        "# TYPE pipeline_retries_total counter",
+    ):
+        assert sample in scrape, sample
+    assert "embed[" in status and "busy, queue" in status
+    body = json.loads(report.read_text())
+    assert body["indexed"] + body["failed"] + body["skipped"] == body["discovered"] == 3
+    assert body["failed"] == 1 and body["chunks"] > 0 and body["pages"] > 0
+    assert [s["name"] for s in body["stages"]] == ["extract", "chunk", "embed", "store"]
+    assert {"p50_batch_seconds", "queue_full_share", "utilisation"} <= set(body["stages"][0])
+    assert body["hints"] and body["slowest_documents"]

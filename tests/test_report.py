@@ -1,0 +1,107 @@
+"""The live view, the hints, the report and the metrics, from plain numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+from rich.console import Console
+
+from pipeline.metrics import Metrics
+from pipeline.outcome import RunOutcome
+from pipeline.report import Watchdog, build_report, hints
+from pipeline.runner import StageView
+from pipeline.schema import json_schema
+from pipeline.stage import StageBase
+from pipeline.terminal import render_frame
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def views(*, embed_full: float, embed_busy: float, seconds: float) -> list[StageView]:
+    return [
+        StageView("extract", "process", 2, busy=2, depth=4, capacity=4, done=40,
+                  busy_seconds=2 * seconds, full_seconds=0.95 * seconds),
+        StageView("chunk", "thread", 1, busy=0, depth=2, capacity=2, done=40,
+                  busy_seconds=0.1 * seconds, full_seconds=0.93 * seconds),
+        StageView("embed", "async", 64, busy=64, depth=128, capacity=128, done=900, retries=3,
+                  busy_seconds=embed_busy * 64 * seconds, full_seconds=embed_full * seconds),
+        StageView("store", "thread", 1, busy=0, depth=0, capacity=2, done=850,
+                  busy_seconds=0.05 * seconds, full_seconds=0.0),
+    ]  # fmt: skip
+
+
+def test_the_live_view_renders_a_frame_from_a_snapshot() -> None:
+    outcome = RunOutcome(discovered=50, indexed=30, skipped=5, failed=2, chunks=900, pages=300)
+    outcome.walk_complete = True
+    console = Console(record=True, width=120, color_system=None)
+    console.print(render_frame(outcome, views(embed_full=0.9, embed_busy=1.0, seconds=10),
+                               elapsed=10.0))  # fmt: skip
+    text = console.export_text()
+    assert "37/50 documents (30 indexed, 5 skipped, 2 failed)" in text
+    assert "30.0 pages/s" in text and "90.0 chunks/s" in text and "ETA 4s" in text
+    assert "64/64" in text and "██████████ 128/128" in text
+    assert all(name in text for name in ("extract", "chunk", "embed", "store"))
+
+
+def test_the_hint_names_the_furthest_stage_whose_queue_stayed_full() -> None:
+    said = hints(views(embed_full=0.91, embed_busy=1.0, seconds=100), seconds=100)
+    assert said == [
+        "embed: queue full 91% of the run, workers busy 100%: raise stages.embed.pool.size or batch"
+    ]
+
+
+def test_with_no_queue_full_the_first_stage_sets_the_pace() -> None:
+    quiet = [StageView("extract", "process", 2, busy_seconds=190.0),
+             StageView("embed", "async", 8, busy_seconds=10.0)]  # fmt: skip
+    assert hints(quiet, seconds=100)[0].startswith("extract: no queue stayed full")
+
+
+def test_the_watchdog_warns_once_per_stage() -> None:
+    watchdog = Watchdog(queue_full_s=30, item_slow_s=60)
+    stalled = StageView("embed", "async", 2, running={1: 0.0})
+    assert watchdog.check([stalled], {"embed": 50.0}, now=59.0) == []  # neither limit reached
+    first = watchdog.check([stalled], {"embed": 20.0}, now=61.0)
+    assert first == [
+        "embed: input queue full for 41 s; embed is holding back the stages before it",
+        "embed: a worker has been on one batch for 61 s",
+    ]
+    assert watchdog.check([stalled], {"embed": 20.0}, now=200.0) == []
+
+
+def test_the_report_carries_rates_percentiles_and_hints() -> None:
+    outcome = RunOutcome(discovered=10, indexed=7, failed=1, skipped=2, chunks=70, pages=20)
+    outcome.seconds = 10.0
+    stage = views(embed_full=0.9, embed_busy=1.0, seconds=10)
+    stage[2].durations.extend([0.1] * 90 + [1.0] * 10)
+    report = build_report(outcome, stage)
+    assert report["indexed"] + report["failed"] + report["skipped"] == report["discovered"]
+    assert (report["docs_per_s"], report["pages_per_s"], report["chunks_per_s"]) == (0.7, 2, 7)
+    embed = report["stages"][2]
+    assert embed["p50_batch_seconds"] == 0.1 and embed["p95_batch_seconds"] == 1.0
+    assert embed["queue_full_share"] == 0.9 and embed["utilisation"] == 1.0
+    assert report["hints"][0].startswith("embed: queue full 90%")
+
+
+def test_a_stage_counter_is_exported_as_a_labelled_metric() -> None:
+    class Counting(StageBase):
+        COUNTERS = {"embedding_requests": ("code", "requests by status")}
+
+    stage = Counting({}, name="embed")
+    metrics = Metrics()
+    metrics.watch_counters(stage)
+    stage.increment("embedding_requests", "200")
+    stage.increment("embedding_requests", "200")
+    stage.increment("embedding_requests", "429")
+    value = metrics.registry.get_sample_value
+    assert value("pipeline_embedding_requests_total", {"stage": "embed", "code": "200"}) == 2
+    assert value("pipeline_embedding_requests_total", {"stage": "embed", "code": "429"}) == 1
+
+
+def test_the_shipped_pipeline_yaml_passes_the_schema() -> None:
+    config = yaml.safe_load((REPO / "pipeline.yaml").read_text())
+    jsonschema.validate(config, json_schema())
+    shipped = json.loads((REPO / "pipeline.schema.json").read_text())
+    assert shipped == json_schema()
