@@ -18,8 +18,8 @@ demo: install
 	bash scripts/demo.sh
 
 lint: install
-	$(BIN)/ruff check pipeline stages tests bench
-	$(BIN)/ruff format --check pipeline stages tests bench
+	$(BIN)/ruff check pipeline stages tests bench scripts
+	$(BIN)/ruff format --check pipeline stages tests bench scripts
 	$(BIN)/mypy
 
 test: lint

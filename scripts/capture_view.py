@@ -9,6 +9,7 @@ Usage: .venv/bin/python scripts/capture_view.py
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
 import sys
 import tempfile
@@ -37,7 +38,7 @@ async def capture(workdir: Path, url: str) -> Console:
     started = time.monotonic()
     task = asyncio.create_task(runner.run())
     await runner.wait_until(lambda r: r.outcome.chunks >= 120)
-    console = Console(record=True, width=110, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(record=True, width=110, file=io.StringIO())
     console.print(render_frame(runner.outcome, runner.views(), elapsed=time.monotonic() - started))
     await task
     state.close()
