@@ -139,6 +139,7 @@ def run_theirs(
             "peak_anon_mb": measured.peak_anon_mb,
             "cpu_s": measured.cpu_s,
             "server_cpu_s": server_cpu,
+            "other_cpu_s": max(0.0, measured.machine_busy_s - measured.cpu_s - server_cpu),
             "detail": inner,
         }
     finally:
@@ -177,6 +178,7 @@ def run_ours(
         "peak_anon_mb": r["peak_anon_mb"],
         "cpu_s": r["cpu_s"],
         "server_cpu_s": r["server_cpu_s"],
+        "other_cpu_s": r["other_cpu_s"],
         "stages": r["stages"],
     }
 
@@ -185,7 +187,8 @@ def _row(latency: float, r: dict[str, Any]) -> str:
     return (
         f"{latency:>5g} ms  {r['kind']:10} wall {r['wall_s']:7.2f} s  work {r['work_s']:7.2f} s  "
         f"chunks {r['chunks']:6}  RSS {r['peak_rss_mb']:6.0f} MB  anon {r['peak_anon_mb']:6.0f} MB"
-        f"  CPU {r['cpu_s']:6.1f} s (+server {r['server_cpu_s']:.1f} s)"
+        f"  CPU {r['cpu_s']:6.1f} s (+server {r['server_cpu_s']:.1f} s,"
+        f" other {r['other_cpu_s']:.1f} s)"
     )
 
 

@@ -96,6 +96,18 @@ def _stat(pid: int) -> tuple[int, float, str] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK, name
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs, from /proc/stat).
+
+    Compared with a run's own CPU this shows load from outside the measured
+    processes (another test run on the same cores would skew the numbers).
+    """
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a live process has used (0 if it is gone)."""
     found = _stat(pid)
@@ -211,6 +223,7 @@ class Measured:
     anon_at_peak_mb: dict[str, float]
     cpu_by_process: dict[str, float]
     processes: int
+    machine_busy_s: float  # every CPU second the machine spent during the run
 
 
 def run_measured(
@@ -218,6 +231,7 @@ def run_measured(
 ) -> Measured:
     """Run `cmd` to the end with its output in `log`, sampling its process tree."""
     with log.open("wb") as out:
+        busy = system_busy_seconds()
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         with TreeSampler(proc.pid) as sampler:
@@ -228,6 +242,7 @@ def run_measured(
                 proc.wait()
                 raise
         wall = time.perf_counter() - started
+        busy = system_busy_seconds() - busy
         proc.returncode = os.waitstatus_to_exitcode(status)
     return Measured(
         returncode=proc.returncode,
@@ -238,6 +253,7 @@ def run_measured(
         anon_at_peak_mb={k: round(v / 1024, 1) for k, v in sampler.at_peak.items()},
         cpu_by_process=sampler.cpu_by_process(),
         processes=sampler.max_processes,
+        machine_busy_s=busy,
     )
 
 
@@ -501,6 +517,7 @@ def _pipeline_result(
         "peak_anon_mb": measured.peak_anon_mb,
         "anon_at_peak_mb": measured.anon_at_peak_mb,
         "cpu_by_process": measured.cpu_by_process,
+        "other_cpu_s": max(0.0, measured.machine_busy_s - measured.cpu_s - server_cpu),
         "processes": measured.processes,
         "stages": report["stages"],
     }
@@ -577,7 +594,8 @@ def _print_pipeline(r: dict[str, Any]) -> None:
     print(
         f"  peak memory of {r['processes']} processes: VmRSS {r['peak_rss_mb']:.0f} MB, "
         f"RssAnon {r['peak_anon_mb']:.0f} MB; CPU {r['cpu_s']:.1f} s "
-        f"(+ embedding server {r['server_cpu_s']:.1f} s)"
+        f"(+ embedding server {r['server_cpu_s']:.1f} s; anything else "
+        f"{r['other_cpu_s']:.1f} s)"
     )
     print(
         "  CPU s by process: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_by_process"].items())

@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("failed", _cmd_failed, "List failed documents (the dead letters).")
     config_arg(p)
     p.add_argument("--json", action="store_true")
+    p = command("optimize", _cmd_optimize, "Compact and index the store (slow; not during a run).")
+    config_arg(p)
     command("schema", _cmd_schema, "Print the JSON Schema of pipeline.yaml.")
     p = command("serve-embeddings", _cmd_serve, "Serve the builtin embedding API.")
     p.add_argument("--host", default="127.0.0.1")
@@ -262,6 +264,22 @@ def _cmd_failed(args: argparse.Namespace) -> int:
     from pipeline.terminal import print_failed
 
     print_failed(rows)
+    return EXIT_OK
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    """Kept off the hot path: Edge's optimize holds the GIL for minutes on large shards."""
+    config = load_config(args.config)
+    for cfg in config.stages:
+        stage = cfg.cls(cfg.params, name=cfg.name, concurrency=1)
+        optimize = getattr(stage, "optimize", None)
+        if isinstance(stage, Stage) and callable(optimize):
+            stage.open()
+            try:
+                optimize()
+            finally:
+                stage.close()
+            logger.info("optimized the store of stage %s", cfg.name)
     return EXIT_OK
 
 

@@ -158,6 +158,13 @@ def test_a_folder_of_real_pdfs_ends_indexed_skipped_or_failed_with_reasons(
     points = collection(tmp_path)
     assert {payload["path"] for _, payload in points.values()} == {*GOOD, TWINS[0]}
 
+    retried = pipeline("retry", "-c", str(config), "--no-progress", "broken-zero-bytes.pdf")
+    assert retried.returncode == 1, retried.stderr  # it fails again, alone
+    attempts = {f["path"]: f["attempts"] for f in json.loads(
+        pipeline("failed", "-c", str(config), "--json").stdout)}  # fmt: skip
+    assert attempts["broken-zero-bytes.pdf"] == 2 and attempts["broken-attributeerror.pdf"] == 1
+
+    assert pipeline("optimize", "-c", str(config)).returncode == 0
     again = pipeline("run", "-c", str(config), "--no-progress")
     assert again.returncode == 0, again.stderr
     assert collection(tmp_path) == points  # nothing re-embedded, nothing doubled
@@ -276,6 +283,8 @@ def test_a_running_pipeline_shows_its_metrics_status_line_and_report(
         )  # fmt: skip
         assert server.wait_for_requests(1, timeout=60)
         scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        second = pipeline("run", "-c", str(config), "--no-progress")
+        assert second.returncode == 3 and "in use by another run" in second.stderr
         assert proc.stderr is not None
         status = ""
         while "documents (" not in status:  # the plain status line, every 10 s
@@ -306,3 +315,22 @@ def test_a_running_pipeline_shows_its_metrics_status_line_and_report(
     assert [s["name"] for s in body["stages"]] == ["extract", "chunk", "embed", "store"]
     assert {"p50_batch_seconds", "queue_full_share", "utilisation"} <= set(body["stages"][0])
     assert body["hints"] and body["slowest_documents"]
+
+
+def test_a_second_sigint_stops_at_once(tmp_path: Path) -> None:
+    with FaultServer() as server:
+        config = make_project(
+            tmp_path, server.url, ["latex-4pages.pdf"], top="shutdown_timeout_s: 600"
+        )
+        server.hang()
+        proc = start("run", "-c", str(config), "--no-progress")
+        assert server.wait_for_requests(1, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        while "stopping intake" not in (line := proc.stderr.readline()):
+            assert line, "the run ended before it took the first SIGINT"
+        proc.send_signal(signal.SIGINT)  # without this the drain would wait 600 s
+        _, err = proc.communicate(timeout=60)
+        server.release()
+    assert proc.returncode == 130, err
+    assert rows(tmp_path)["latex-4pages.pdf"][0] == "pending"
