@@ -130,29 +130,27 @@ def _err(text: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, source=args.source)
-    from pipeline.session import run_session  # the heavier imports only when running
-
-    return run_session(
-        config,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        progress=not args.no_progress,
-        report=args.report,
-    )
+    return _run(args, requeue=None)
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
-    config = load_config(args.config, source=args.source)
-    from pipeline.session import run_session
-    from pipeline.state import open_state
+    return _run(args, requeue=args.paths)
 
-    state = open_state(config.state, exclusive=True)
-    try:
-        count = state.requeue(args.paths or None)
-    finally:
-        state.close()
-    logger.info("requeued %d failed documents", count)
+
+def _run(args: argparse.Namespace, *, requeue: list[str] | None) -> int:
+    """`run`, or with `requeue` (a list, empty for all) `retry`: failed documents first
+    become pending again, and the run picks them up like any interrupted document."""
+    config = load_config(args.config, source=args.source)
+    from pipeline.session import run_session  # the heavier imports only when running
+
+    if requeue is not None:
+        from pipeline.state import open_state
+
+        state = open_state(config.state, exclusive=True)
+        try:
+            logger.info("requeued %d failed documents", state.requeue(requeue or None))
+        finally:
+            state.close()
     return run_session(
         config,
         metrics_port=args.metrics_port,
