@@ -45,6 +45,7 @@ def run(docs: int, pages: int, engine: str, *, seed: int, latency_ms: float) -> 
         "peak_rss_mb": r["peak_rss_mb"],
         "peak_anon_mb": r["peak_anon_mb"],
         "reopen": r["reopen"],
+        "other_cpu_s": r["other_cpu_s"],  # CPU of processes outside the run: should be ~0
     }
 
 
