@@ -7,7 +7,7 @@ environment and writes nothing.
 
 The YAML is composed into nodes (which carry line numbers) and constructed into
 plain values from the same parse; values are checked against the key tables of
-`pipeline.schema`, and on failure `_Lines` walks the node tree along the failing
+`pipeline.schema`, and on failure `Lines` walks the node tree along the failing
 key path to find the line to report. Secrets never come from YAML: a key named
 `api_key` anywhere is refused (without echoing it), and `env` parameters hold
 the name of a variable that must be set, never its value.
@@ -22,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-
 from pipeline.errors import ConfigError
 from pipeline.registry import known_kinds, resolve
 from pipeline.schema import POOL, RETRY, SOURCE, STAGE, TOP, Invalid, Key, param_key
 from pipeline.stage import PoolKind, StageBase
+from pipeline.yamlfile import KeyPath, Lines, parse, render
 
 __all__ = [
     "PipelineConfig",
@@ -39,8 +37,6 @@ __all__ = [
     "cpu_count",
     "load_config",
 ]
-
-KeyPath = tuple[str | int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,102 +107,15 @@ def load_config(
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(file, "", f"a readable config file ({reason})", show_got=False) from exc
-    root, data = _parse(file, text)
-    loader = _Loader(file, _Lines(root), path.resolve().parent, os.environ if env is None else env)
+    root, data = parse(file, text)
+    loader = _Loader(file, Lines(root), path.resolve().parent, os.environ if env is None else env)
     return loader.pipeline(data, path, source)
-
-
-def _parse(file: str, text: str) -> tuple[Node | None, object]:
-    """Compose nodes and construct values in one parse; refuse duplicate keys and api_key.
-
-    The YAML error's snippet is left out of the message: it quotes the line, which
-    may hold a secret.
-    """
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is not None:
-            _scan(file, root, (), set())
-        return root, (loader.construct_document(root) if root is not None else None)
-    except yaml.MarkedYAMLError as exc:
-        mark, start = exc.problem_mark or exc.context_mark, exc.context_mark
-        context = str(exc.context or "")
-        if context and start is not None and mark is not None and start.line != mark.line:
-            context += f" started at line {start.line + 1}"
-        words = "; ".join(part for part in (context, str(exc.problem or "")) if part)
-        column = f" at column {mark.column + 1}" if mark is not None else ""
-        line = mark.line + 1 if mark is not None else None
-        expected = f"valid YAML ({words}{column})"
-        raise ConfigError(file, "", expected, line=line, show_got=False) from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(file, "", "valid YAML", show_got=False) from exc
-    finally:
-        loader.dispose()
-
-
-def _scan(file: str, node: Node, at: KeyPath, seen: set[int]) -> None:
-    """Walk the node tree once for the mistakes that plain values would hide."""
-    if id(node) in seen:  # an alias: already checked where it was defined
-        return
-    seen.add(id(node))
-    if isinstance(node, SequenceNode):
-        for index, item in enumerate(node.value):
-            _scan(file, item, (*at, index), seen)
-    elif isinstance(node, MappingNode):
-        first: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = str(key_node.value) if isinstance(key_node, ScalarNode) else "?"
-            line = key_node.start_mark.line + 1
-            if key == "api_key":
-                expected = (
-                    "no api_key: secrets come from the environment, "
-                    "use api_key_env naming a variable that holds the key"
-                )
-                raise ConfigError(file, _render((*at, key)), expected, line=line, show_got=False)
-            if key in first and key != "<<":
-                expected = f"each key once per mapping (first at line {first[key]})"
-                raise ConfigError(file, _render((*at, key)), expected, line=line, show_got=False)
-            first[key] = line
-            _scan(file, value_node, (*at, key), seen)
-
-
-class _Lines:
-    """Maps a key path such as ("stages", 2, "pool", "size") to its line in the file.
-
-    Walks the composed node tree as far as the path exists and returns the line of
-    the deepest node found, so a missing key is reported at its parent mapping.
-    """
-
-    def __init__(self, root: Node | None) -> None:
-        self._root = root
-
-    def line(self, at: KeyPath, *, of_key: bool = False) -> int | None:
-        node = self._root
-        if node is None:
-            return None
-        line = node.start_mark.line + 1
-        for depth, part in enumerate(at):
-            found: tuple[Node, Node] | None = None
-            if isinstance(node, MappingNode):
-                for key_node, value_node in node.value:  # the last duplicate wins, as in YAML
-                    if isinstance(key_node, ScalarNode) and key_node.value == str(part):
-                        found = (key_node, value_node)
-            elif (
-                isinstance(node, SequenceNode) and isinstance(part, int) and part < len(node.value)
-            ):
-                found = (node.value[part], node.value[part])
-            if found is None:
-                return line
-            key_node, node = found
-            last = depth == len(at) - 1
-            line = (key_node if of_key and last else node).start_mark.line + 1
-        return line
 
 
 class _Loader:
     """One load: knows the file (for messages), its lines, its folder and the env."""
 
-    def __init__(self, file: str, lines: _Lines, base: Path, env: Mapping[str, str]) -> None:
+    def __init__(self, file: str, lines: Lines, base: Path, env: Mapping[str, str]) -> None:
         self.file = file
         self.lines = lines
         self.base = base
@@ -224,7 +133,7 @@ class _Loader:
         """The error at `at`, at the line of its value (or of the key itself)."""
         line = self.lines.line(at, of_key=of_key)
         got = _Shown(got) if isinstance(got, dict | list) else got
-        return ConfigError(self.file, _render(at), expected, line=line, got=got, show_got=show_got)
+        return ConfigError(self.file, render(at), expected, line=line, got=got, show_got=show_got)
 
     def section(
         self,
@@ -384,11 +293,3 @@ class _Shown:
 
     def __repr__(self) -> str:
         return self.text
-
-
-def _render(at: KeyPath) -> str:
-    """("stages", 2, "pool", "size") -> "stages[2].pool.size"."""
-    text = ""
-    for part in at:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text
