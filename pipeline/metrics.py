@@ -53,7 +53,7 @@ class Metrics:
         self.workers = Gauge("pipeline_workers", "Workers of a stage", ["stage"], registry=r)
         self.stage_seconds = Histogram(
             "pipeline_stage_seconds",
-            "Time a stage took per batch, retries included",
+            "Time one call of a stage took (one batch, one attempt)",
             ["stage"],
             buckets=_SECONDS_BUCKETS,
             registry=r,

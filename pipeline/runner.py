@@ -7,9 +7,8 @@ channel feeding it, run it on the pool, and put the results on the next channel.
 A full channel makes `put` wait, which is how a slow stage holds back every
 stage before it and, in the end, the walk of the source folder.
 
-Failures stay with their documents. A batch that fails permanently is split in
-halves until the failing items are alone, so one bad chunk fails its own
-document, not the 63 others sharing its request. A FatalError stops the run.
+Failures stay with their documents (see `pipeline.batch`: retries, and splitting
+a rejected batch until the bad item is alone). A FatalError stops the run.
 
 Stopping: `stop()` closes intake and lets in-flight work finish for up to
 `shutdown_timeout_s`, then cancels; `stop(now=True)` cancels at once. Either
@@ -26,9 +25,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from pipeline.batch import run_batch
 from pipeline.channel import Channel
 from pipeline.config import PipelineConfig, StageConfig
-from pipeline.errors import FatalError, PermanentError, StageError, TransientError
+from pipeline.errors import FatalError, TransientError
 from pipeline.intake import Intake
 from pipeline.ledger import Finished, Ledger
 from pipeline.metrics import Metrics
@@ -281,7 +281,9 @@ class Runner:
                     await self._release(item.doc)
             if not live:
                 continue
-            outputs, failures = await self._attempt(st, live)
+            outputs, failures = await run_batch(
+                lambda items: self._timed(st, items), live, retry=st.retry, stage=st.cfg.name
+            )
             for out in outputs:
                 self.ledger.add(out.doc)
                 if outbox is None:
@@ -303,31 +305,15 @@ class Runner:
                 else:
                     await outbox.put(out)
 
-    async def _attempt(
-        self, st: _Stage, items: list[Item]
-    ) -> tuple[list[Item], list[tuple[Item, StageError]]]:
-        """Run one batch with retries; split it to isolate permanent failures."""
+    async def _timed(self, st: _Stage, items: list[Item]) -> list[Item]:
+        """One call of the stage's pool, counted as busy time for views and metrics."""
         st.view.busy += 1
         self._touch()
         began = time.monotonic()
         token = next(self._tokens)
         st.view.running[token] = began
         try:
-            return [*await st.retry.call(lambda: st.pool.run(items))], []
-        except TransientError as exc:
-            tries = st.retry.attempts
-            gave_up = TransientError(f"{exc} (gave up after {tries} attempts)", reason=exc.reason)
-            return [], [(item, gave_up) for item in items]
-        except PermanentError as exc:
-            if len(items) == 1:
-                return [], [(items[0], exc)]
-        except FatalError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a stage bug fails its items, not the run
-            logger.exception("stage %s raised an unexpected error", st.cfg.name)
-            bug = PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
-            if len(items) == 1:
-                return [], [(items[0], bug)]
+            return await st.pool.run(items)
         finally:
             elapsed = time.monotonic() - began
             st.view.busy -= 1
@@ -337,10 +323,6 @@ class Runner:
             self.metrics.stage_seconds.labels(st.cfg.name).observe(elapsed)
             self.metrics.busy_seconds.labels(st.cfg.name).inc(elapsed)
             self._touch()
-        middle = len(items) // 2
-        left = await self._attempt(st, items[:middle])
-        right = await self._attempt(st, items[middle:])
-        return left[0] + right[0], left[1] + right[1]
 
     async def _release(self, doc: str) -> None:
         finished = self.ledger.release(doc)
