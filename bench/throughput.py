@@ -332,7 +332,17 @@ def machine() -> dict[str, Any]:
         for line in fh:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "pipeline", "stages", "pipeline.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return {
+        "commit": commit + ("+dirty(pipeline/stages)" if dirty else ""),
         "nproc": len(os.sched_getaffinity(0)),
         "cpu": model,
         "ram_gib": round(mem_kb / 1024 / 1024, 1),
@@ -520,6 +530,7 @@ def _pipeline_result(
         "other_cpu_s": max(0.0, measured.machine_busy_s - measured.cpu_s - server_cpu),
         "processes": measured.processes,
         "stages": report["stages"],
+        "hints": report.get("hints", []),
     }
 
 
@@ -601,10 +612,14 @@ def _print_pipeline(r: dict[str, Any]) -> None:
         "  CPU s by process: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_by_process"].items())
     )
     for s in r["stages"]:
+        full = s.get("queue_full_share")
         print(
             f"  {s['name']:8} {s['pool']:7} x{s['workers']:<3} done {s['items_done']:>7} "
             f"busy {s['busy_seconds']:8.1f} s  utilisation {s['utilisation']:.2f}"
+            + (f"  inbox full {full:.0%} of the run" if full is not None else "")
         )
+    for hint in r.get("hints", []):
+        print(f"  hint: {hint}")
     if r.get("reopen"):
         ro = r["reopen"]
         print(

@@ -141,6 +141,7 @@ def _run(args: argparse.Namespace, *, requeue: list[str] | None) -> int:
     """`run`, or with `requeue` (a list, empty for all) `retry`: failed documents first
     become pending again, and the run picks them up like any interrupted document."""
     config = load_config(args.config, source=args.source)
+    _check_run_flags(args)
     from pipeline.session import run_session  # the heavier imports only when running
 
     if requeue is not None:
@@ -158,6 +159,18 @@ def _run(args: argparse.Namespace, *, requeue: list[str] | None) -> int:
         progress=not args.no_progress,
         report=args.report,
     )
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """Mistakes in flags are found before the run, not after an hour of it."""
+    port = args.metrics_port
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError("command line", "--metrics-port", "a port from 1 to 65535", got=port)
+    report = args.report
+    if report is not None and not report.resolve().parent.is_dir():
+        raise ConfigError(
+            "command line", "--report", "a file in an existing folder", got=str(report)
+        )
 
 
 # -- search ------------------------------------------------------------------------

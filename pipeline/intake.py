@@ -20,7 +20,7 @@ from pipeline.ledger import Ledger
 from pipeline.outcome import RunOutcome
 from pipeline.source import Entry, file_sha256, walk
 from pipeline.stage import Item
-from pipeline.state import RunState
+from pipeline.state import DocRecord, RunState
 
 __all__ = ["Intake"]
 
@@ -68,6 +68,10 @@ class Intake:
                 if entry is None:
                     self._outcome.walk_complete = True
                     break
+                if entry.unread_folder:
+                    self._outcome.walk_errors += 1
+                    logger.warning("%s: %s; nothing will be pruned", entry.path, entry.skip)
+                    continue
                 self._outcome.discovered += 1
                 item = await self._admit(entry)
                 if item is None:
@@ -86,12 +90,13 @@ class Intake:
     async def _admit(self, entry: Entry) -> Item | None:
         """The item to send for `entry`, or None when it is settled here."""
         state, outcome, path = self._state, self._outcome, entry.path
+        record = state.get(path)
         if entry.skip is not None:
+            await self._forget(record)
             state.mark_skipped(path, reason="not_a_file", message=entry.skip, run=self._run)
             outcome.skipped += 1
             logger.info("skipped %s: %s", path, entry.skip)
             return None
-        record = state.get(path)
         if (
             record is not None
             and record.status == "indexed"
@@ -103,12 +108,14 @@ class Intake:
             sha256 = await asyncio.to_thread(file_sha256, entry.file)
         except OSError as exc:
             message = f"cannot read file: {exc.strerror or exc}"
+            await self._forget(record)
             state.fail_unread(path, reason="unreadable", message=message, run=self._run)
             outcome.record_failure(path, stage="source", reason="unreadable", message=message)
             logger.warning("failed %s at source: %s", path, message)
             return None
         if record is not None and record.sha256 == sha256:
             if record.status == "indexed":
+                state.refresh_stat(path, size=entry.size, mtime_ns=entry.mtime_ns)  # a touch
                 self._unchanged(path)
                 return None
             if record.status == "failed":
@@ -117,7 +124,10 @@ class Intake:
                 outcome.previously_failed += 1
                 return None
         original = state.indexed_with_hash(sha256, other_than=path)
+        if original is not None and not (self._root / original).is_file():
+            original = None  # renamed or removed: this copy is the one to index now
         if original is not None:
+            await self._forget(record)
             state.mark_skipped(
                 path,
                 reason="duplicate",
@@ -129,16 +139,20 @@ class Intake:
             outcome.skipped += 1
             outcome.duplicates += 1
             return None
-        if record is not None and record.status in ("indexed", "pending"):
-            # Changed since indexed, or cut off mid-way by a crash: its old points go
-            # first, so the collection ends as a clean run would leave it.
-            await self._discard([path])
+        # Changed since indexed, or cut off mid-way by a crash: its old points go
+        # first, so the collection ends as a clean run would leave it.
+        await self._forget(record)
         kind = "updated" if record is not None and record.status == "indexed" else "added"
         state.mark_pending(
             path, sha256=sha256, size=entry.size, mtime_ns=entry.mtime_ns, run=self._run
         )
         self._ledger.start(path, kind=kind)
         return Item(path, {"path": path, "file": str(entry.file), "sha256": sha256})
+
+    async def _forget(self, record: DocRecord | None) -> None:
+        """Remove the points of a document that had some, before it changes status."""
+        if record is not None and record.status in ("indexed", "pending"):
+            await self._discard([record.path])
 
     def _unchanged(self, path: str) -> None:
         self._state.seen(path, self._run)

@@ -47,6 +47,7 @@ class RunOutcome:
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM"
     fatal: str | None = None
     walk_complete: bool = False
+    walk_errors: int = 0  # folders that could not be read: no pruning after such a walk
     seconds: float = 0.0
 
     def record_failure(self, path: str, *, stage: str, reason: str, message: str) -> None:

@@ -18,6 +18,7 @@ way documents not finished stay `pending` and the next run resumes them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pipeline.batch import run_batch
 from pipeline.channel import Channel
 from pipeline.config import PipelineConfig, StageConfig
-from pipeline.errors import FatalError, TransientError
+from pipeline.errors import FatalError, StageError, TransientError
 from pipeline.intake import Intake
 from pipeline.ledger import Finished, Ledger
 from pipeline.metrics import Metrics
@@ -275,10 +276,12 @@ class Runner:
             batch = await st.inbox.get_batch(st.batch_size)
             if not batch:
                 return
+            # Split once: releasing a dead item may await, and another worker may fail
+            # a document meanwhile; an item must be either released here or processed.
+            dead = [item for item in batch if self.ledger.has_failed(item.doc)]
             live = [item for item in batch if not self.ledger.has_failed(item.doc)]
-            for item in batch:
-                if self.ledger.has_failed(item.doc):
-                    await self._release(item.doc)
+            for item in dead:
+                await self._release(item.doc)
             if not live:
                 continue
             outputs, failures = await run_batch(
@@ -353,14 +356,23 @@ class Runner:
         self._touch()
 
     async def _discard(self, docs: Sequence[str]) -> None:
+        """Remove what stages keep of `docs`, with the stage's retries.
+
+        A store that cannot delete cannot keep the collection right: the run stops
+        (exit 3) and the documents stay pending, so the next run deletes again.
+        """
         for st in self._stages:
-            await st.pool.discard(list(docs))
+            try:
+                await st.retry.call(functools.partial(st.pool.discard, list(docs)))
+            except StageError as exc:
+                raise FatalError(f"{st.cfg.name} could not remove old points: {exc}") from exc
 
     def _may_prune(self) -> bool:
         o = self.outcome
         return (
             self.config.source.prune
             and o.walk_complete
+            and not o.walk_errors
             and o.stopped_by is None
             and o.fatal is None
         )

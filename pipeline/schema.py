@@ -157,7 +157,8 @@ def _is_http_url(value: object) -> bool:
     if not isinstance(value, str):
         return False
     parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    # No user:password@ part: credentials come from api_key_env, never the YAML.
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
 
 
 def section(keys: Mapping[str, Key], expected: str = "a mapping") -> Rule:
@@ -180,10 +181,13 @@ POOL_SIZE = Rule(  # "auto" is turned into the usable CPU count by the loader
     {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]},
     lambda value: value == "auto" or (type(value) is int and value >= 1),
 )
-URL = Rule(  # checked at load, not at the first request an hour into a run
-    "an http or https URL with a host",
-    {"type": "string", "pattern": r"^https?://[^/?#\s]+"},
-    _is_http_url,
+URL = dataclasses.replace(  # checked at load, not at the first request an hour into a run
+    Rule(
+        "an http or https URL with a host and no user:password@ (keys come from api_key_env)",
+        {"type": "string", "pattern": r"^https?://[^/?#\s@]+([/?#]|$)"},
+        _is_http_url,
+    ),
+    echo=False,  # a URL may carry a secret; the line and key say where it is
 )
 ENV_NAME = dataclasses.replace(  # not echoed: people paste the key itself here
     text("the name of an environment variable (not the secret itself)", pattern=r"^[A-Za-z_]\w*$"),

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, hints
@@ -45,7 +46,18 @@ def run_session(
     if pending:
         logger.info("resuming: %d documents were pending from an earlier run", pending)
     metrics = Metrics()
-    server = metrics.serve(metrics_port, host=metrics_host) if metrics_port is not None else None
+    server = None
+    if metrics_port is not None:
+        try:
+            server = metrics.serve(metrics_port, host=metrics_host)
+        except OSError as exc:
+            state.close()
+            raise ConfigError(
+                "command line",
+                "--metrics-port",
+                "a free port",
+                got=f"{metrics_port} ({exc.strerror})",
+            ) from exc
     if server is not None:
         logger.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     try:
@@ -60,7 +72,10 @@ def run_session(
     views = runner.views()
     print_summary(outcome, hints(views, seconds=outcome.seconds))
     if report is not None:
-        report.write_text(json.dumps(build_report(outcome, views), indent=2) + "\n")
+        try:
+            report.write_text(json.dumps(build_report(outcome, views), indent=2) + "\n")
+        except OSError as exc:
+            logger.error("could not write the report to %s: %s", report, exc.strerror)
     return outcome.exit_code
 
 

@@ -31,6 +31,7 @@ class Entry:
     size: int = 0
     mtime_ns: int = 0
     skip: str | None = None  # why it will not be read, if so
+    unread_folder: bool = False  # a folder the walk could not enter: its files are unknown
 
 
 def walk(root: Path, pattern: str) -> Iterator[Entry]:
@@ -50,7 +51,9 @@ def _walk_dir(
 ) -> Iterator[Entry]:
     try:
         info = folder.stat()
-    except OSError:
+    except OSError as exc:
+        yield Entry(prefix or ".", folder, skip=f"cannot read folder: {exc.strerror}",
+                    unread_folder=True)  # fmt: skip
         return
     key = (info.st_dev, info.st_ino)
     if key in visited:
@@ -59,7 +62,9 @@ def _walk_dir(
     try:
         with os.scandir(folder) as scan:
             entries = sorted(scan, key=lambda e: e.name)
-    except OSError:
+    except OSError as exc:
+        yield Entry(prefix or ".", folder, skip=f"cannot read folder: {exc.strerror}",
+                    unread_folder=True)  # fmt: skip
         return
     for entry in entries:
         rel = prefix + entry.name

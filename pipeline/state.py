@@ -134,6 +134,12 @@ class RunState:
         """Note that the walk of `run` found `path` (unchanged documents included)."""
         self._db.execute("UPDATE documents SET seen_run = ? WHERE path = ?", (run, path))
 
+    def refresh_stat(self, path: str, *, size: int, mtime_ns: int) -> None:
+        """Same bytes, new mtime (a touch): remember it, so the next walk needs no hash."""
+        self._db.execute(
+            "UPDATE documents SET size = ?, mtime_ns = ? WHERE path = ?", (size, mtime_ns, path)
+        )
+
     def mark_pending(self, path: str, *, sha256: str, size: int, mtime_ns: int, run: int) -> None:
         now = time.time()
         with self._db:

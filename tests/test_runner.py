@@ -302,3 +302,48 @@ def test_the_engine_imports_no_stage_libraries() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_a_document_that_stops_being_indexable_loses_its_points(tmp_path: Path) -> None:
+    import os
+
+    docs = write_corpus(
+        tmp_path / "docs", {"a.txt": "alpha", "b.txt": "beta", "c.txt": "gamma", "d.txt": "delta"}
+    )
+    config = write_config(tmp_path, LINES_SINK % "unindexable")
+    await run_once(config)
+    (docs / "b.txt").write_text("alpha")  # now a byte-identical copy of a.txt
+    (docs / "c.txt").unlink()
+    os.mkfifo(docs / "c.txt")  # now not a regular file
+    (docs / "d.txt").rename(docs / "renamed.txt")  # renamed: the copy is indexed at once
+    _, outcome = await run_once(config)
+    assert sorted(SINKS["unindexable"]) == ["a.txt", "renamed.txt"]
+    assert outcome.removed == 1 and outcome.added == 1
+    assert statuses(config) == {
+        "a.txt": "indexed",
+        "b.txt": "skipped",
+        "c.txt": "skipped",
+        "renamed.txt": "indexed",
+    }
+
+
+async def test_a_folder_that_cannot_be_read_is_not_taken_for_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    docs = write_corpus(tmp_path / "docs", {"top.txt": "one", "sub/inner.txt": "two"})
+    config = write_config(tmp_path, LINES_SINK % "unreadable")
+    await run_once(config)
+    real_scandir = os.scandir
+
+    def scandir(path: object) -> object:
+        if str(path) == str(docs / "sub"):  # root reads everything: fake the EACCES
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("pipeline.source.os.scandir", scandir)
+    _, outcome = await run_once(config)
+    assert (outcome.removed, outcome.walk_errors, outcome.unchanged) == (0, 1, 1)
+    assert "sub/inner.txt" in SINKS["unreadable"]
+    assert statuses(config)["sub/inner.txt"] == "indexed"
