@@ -215,7 +215,10 @@ class Runner:
                 timeout_s=cfg.timeout_s,
                 memory_mb=cfg.memory_mb,
             )
-            inbox: Channel[Item] = Channel(cfg.queue, on_change=self._touch)
+            # `queue` counts what one worker takes at once: a batch. Counted in items, a
+            # queue of 2 x workers would starve a batching stage into batches of 2.
+            capacity = cfg.queue * pool.batch_size
+            inbox: Channel[Item] = Channel(capacity, on_change=self._touch)
             retry = RetryPolicy(
                 attempts=cfg.retry.attempts,
                 base=cfg.retry.base_s,
@@ -227,7 +230,7 @@ class Runner:
             self._stages.append(st)
             self.metrics.watch_stage(
                 cfg.name,
-                capacity=cfg.queue,
+                capacity=capacity,
                 workers=pool.size,
                 depth=st.depth,
                 busy=st.busy,

@@ -214,7 +214,11 @@ STAGE: Mapping[str, Key] = {
     "name": Key(text(), "Unique: labels metrics, logs and state.", required=True),
     "uses": Key(STAGE_KINDS, "An installed stage kind or a module:Class path.", required=True),
     "pool": Key(section(POOL), "Default: the stage's first pool kind and default size."),
-    "queue": Key(integer(1), "Capacity of the channel feeding this stage (default 2 x size)."),
+    "queue": Key(
+        integer(1),
+        "Capacity of the channel feeding this stage, in batches of its batch size"
+        " (default 2 x size).",
+    ),
     "timeout_s": Key(number(0, exclusive=True), "Per-item time bound.", nullable=True),
     "memory_mb": Key(integer(1), "Per-worker memory cap (process pools only).", nullable=True),
     "retry": Key(section(RETRY), "Retries of transient failures."),
