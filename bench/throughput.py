@@ -359,7 +359,7 @@ class BenchOptions:
     latency_ms: float = 0.0
     embed_workers: int | None = None  # None: as in pipeline.yaml
     batch: int | None = None
-    embed_queue: int | None = None  # None: as in pipeline.yaml (unset: 2 x workers)
+    embed_queue: int | None = None  # in batches; None: as in pipeline.yaml (unset: 2 x workers)
     extract_workers: int | None = None  # None: as in pipeline.yaml ("auto")
     engine: str = "edge"
     chunk_size: int | None = None
@@ -636,13 +636,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--embed-workers", type=int, help="embed pool size (pipeline.yaml: 64)")
     p.add_argument("--batch", type=int, help="texts per embedding request (pipeline.yaml: 64)")
-    p.add_argument("--embed-queue", type=int, help="capacity of embed's inbox (default 2 x pool)")
+    p.add_argument("--embed-queue", type=int, help="embed's queue: batches (default 2 x pool)")
     p.add_argument("--extract-workers", type=int, help="extract pool size (default: CPU count)")
     p.add_argument("--engine", choices=("edge", "qdrant-client"), default="edge")
     p.add_argument("--chunk-size", type=int, help="text.chunk size in characters")
     p.add_argument("--chunk-overlap", type=int, help="text.chunk overlap in characters")
     p.add_argument("--store-batch", type=int, help="points per upsert (stage default 256)")
-    p.add_argument("--store-queue", type=int, help="capacity of store's inbox (default 2)")
+    p.add_argument("--store-queue", type=int, help="store's queue: batches (default 2)")
     p.add_argument("--reopen", action="store_true", help="also time reopening the store")
     p.add_argument("--mode", choices=("pipeline", "pypdf", "both"), default="pipeline")
     p.add_argument("--keep", action="store_true", help="keep the run folder under bench/out/")
