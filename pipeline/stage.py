@@ -23,6 +23,7 @@ output before re-indexing it or after it fails half-written.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ class StageBase:
         return 1
 
 
-class Stage(StageBase):
+class Stage(StageBase, ABC):
     """A blocking stage: runs in a worker process or a thread.
 
     On a process pool every worker builds its own copy, so `__init__` must be
@@ -132,9 +133,9 @@ class Stage(StageBase):
     def open(self) -> None:
         """Prepare for work; called once per copy before the first item."""
 
+    @abstractmethod
     def process(self, items: list[Item]) -> list[Item]:
         """Turn input items into output items; raise a StageError to fail them."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def discard(self, docs: Sequence[str]) -> None:
         """Remove what this stage keeps about `docs`; only stores need this."""
@@ -144,7 +145,7 @@ class Stage(StageBase):
         """Release resources; called once after the last item, even after failure."""
 
 
-class AsyncStage(StageBase):
+class AsyncStage(StageBase, ABC):
     """An I/O stage: many concurrent `process` calls share one event loop and one copy."""
 
     POOLS: ClassVar[tuple[PoolKind, ...]] = ("async",)
@@ -152,9 +153,9 @@ class AsyncStage(StageBase):
     async def open(self) -> None:
         """Prepare for work (open clients); called once before the first item."""
 
+    @abstractmethod
     async def process(self, items: list[Item]) -> list[Item]:
         """Turn input items into output items; raise a StageError to fail them."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     async def discard(self, docs: Sequence[str]) -> None:
         """Remove what this stage keeps about `docs`; only stores need this."""
