@@ -11,8 +11,8 @@ and sentence and paragraph breaks sit where the chunker looks for them.
 The PDFs are written by hand, not through a layout library: a Catalog, a Pages
 tree, the standard Helvetica fonts (no embedding needed), one Flate-compressed
 content stream of `Tj` lines per page and a correct cross-reference table. That
-keeps the generator dependency-free and fast (4,000 three-page documents in a
-few seconds on one core) while pypdf still has real parsing to do: objects,
+keeps the generator dependency-free and fast (4,000 three-page documents in
+~7 s on one core) while pypdf still has real parsing to do: objects,
 xref, a compressed stream, font encodings.
 
 Every document has its own seed (derived from --seed and its number), so the
