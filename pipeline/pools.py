@@ -21,7 +21,7 @@ import logging
 import multiprocessing
 import resource
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -87,6 +87,17 @@ def _timed_out(seconds: float) -> PermanentError:
     return PermanentError(f"timed out after {seconds:g} s", reason="timeout")
 
 
+async def _within(seconds: float | None, call: Awaitable[list[Item]]) -> list[Item]:
+    """Await `call` within the stage's `timeout_s`; overrunning fails the items."""
+    if seconds is None:
+        return await call
+    try:
+        async with asyncio.timeout(seconds):
+            return await call
+    except TimeoutError:
+        raise _timed_out(seconds) from None
+
+
 class AsyncPool:
     kind: PoolKind = "async"
 
@@ -100,13 +111,7 @@ class AsyncPool:
         await self.stage.open()
 
     async def run(self, items: list[Item]) -> list[Item]:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return await self.stage.process(items)
-        except TimeoutError:
-            if self._timeout_s is None:
-                raise
-            raise _timed_out(self._timeout_s) from None
+        return await _within(self._timeout_s, self.stage.process(items))
 
     async def discard(self, docs: Sequence[str]) -> None:
         await self.stage.discard(docs)
@@ -134,14 +139,7 @@ class ThreadPool:
     async def run(self, items: list[Item]) -> list[Item]:
         # A thread cannot be killed: on timeout the item fails and the call runs on
         # in the background. Stages that can hang belong on a process pool.
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                result: list[Item] = await self._call(self.stage.process, items)
-                return result
-        except TimeoutError:
-            if self._timeout_s is None:
-                raise
-            raise _timed_out(self._timeout_s) from None
+        return await _within(self._timeout_s, self._call(self.stage.process, items))
 
     async def discard(self, docs: Sequence[str]) -> None:
         await self._call(self.stage.discard, list(docs))

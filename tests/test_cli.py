@@ -57,3 +57,13 @@ def test_a_url_carrying_credentials_is_refused_without_echoing_them(project: Pat
     run = pipeline("run", "-c", str(project), "--no-progress")
     assert run.returncode == 2
     assert "stages[2].with.url" in run.stderr and "sk-secret9" not in run.stderr
+
+
+def test_json_logs_are_one_object_per_line(project: Path) -> None:
+    import json
+
+    run = pipeline("--log-format", "json", "run", "-c", str(project), "--no-progress")
+    assert run.returncode == 0, run.stderr
+    logged = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    assert any(e["level"] == "info" and "started" in e["message"] for e in logged)
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in logged)

@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.outcome import RunOutcome
 from pipeline.runner import Runner
-from pipeline.state import open_state
+from pipeline.state import RunState, open_state
 from tests.engine_stages import FLAKY_LEFT, GATES, SINKS, write_config, write_corpus
 
 LINES_SINK = """
@@ -44,6 +44,28 @@ def statuses(config: Path) -> dict[str, str]:
         return dict(rows)
     finally:
         state.close()
+
+
+def gated(tmp_path: Path, gate: str, *, embed_queue: int) -> Path:
+    """lines -> a Gate stage of 2 async workers held shut by GATES[gate] -> sink."""
+    GATES[gate] = asyncio.Event()
+    return write_config(
+        tmp_path,
+        f"""
+  - {{name: lines, uses: "tests.engine_stages:Lines", pool: {{kind: thread, size: 1}}, queue: 2}}
+  - {{name: embed, uses: "tests.engine_stages:Gate", pool: {{kind: async, size: 2}},
+     queue: {embed_queue}, with: {{gate: {gate}}}}}
+  - {{name: sink, uses: "tests.engine_stages:Sink", with: {{name: {gate}}}}}
+""",
+    )
+
+
+def start(config: Path) -> tuple[Runner, RunState, asyncio.Task[RunOutcome]]:
+    """A run in the background, for tests that watch or stop it mid-way."""
+    cfg = load_config(config)
+    state = open_state(cfg.state, exclusive=True)
+    runner = Runner(cfg, state=state, sleep=no_sleep)
+    return runner, state, asyncio.create_task(runner.run())
 
 
 async def test_every_document_ends_indexed_with_its_items(tmp_path: Path) -> None:
@@ -173,20 +195,7 @@ async def test_a_worker_over_its_memory_cap_fails_only_its_document(tmp_path: Pa
 
 async def test_a_stalled_stage_stops_the_source_at_the_channel_bound(tmp_path: Path) -> None:
     write_corpus(tmp_path / "docs", {f"d{i:03}.txt": f"text {i}" for i in range(200)})
-    GATES["stall"] = asyncio.Event()
-    config = write_config(
-        tmp_path,
-        """
-  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: thread, size: 1}, queue: 2}
-  - {name: embed, uses: "tests.engine_stages:Gate", pool: {kind: async, size: 2}, queue: 3,
-     with: {gate: stall}}
-  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: stall}}
-""",
-    )
-    cfg = load_config(config)
-    state = open_state(cfg.state, exclusive=True)
-    runner = Runner(cfg, state=state, sleep=no_sleep)
-    task = asyncio.create_task(runner.run())
+    runner, state, task = start(gated(tmp_path, "stall", embed_queue=3))
 
     def saturated(r: Runner) -> bool:
         views = {v.name: v for v in r.views()}
@@ -222,20 +231,8 @@ async def test_a_stalled_stage_stops_the_source_at_the_channel_bound(tmp_path: P
 
 async def test_stop_drains_in_flight_work_and_the_next_run_resumes(tmp_path: Path) -> None:
     write_corpus(tmp_path / "docs", {f"d{i:02}.txt": f"text {i}" for i in range(30)})
-    GATES["resume"] = asyncio.Event()
-    config = write_config(
-        tmp_path,
-        """
-  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: thread, size: 1}, queue: 2}
-  - {name: embed, uses: "tests.engine_stages:Gate", pool: {kind: async, size: 2}, queue: 2,
-     with: {gate: resume}}
-  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: resume}}
-""",
-    )
-    cfg = load_config(config)
-    state = open_state(cfg.state, exclusive=True)
-    runner = Runner(cfg, state=state, sleep=no_sleep)
-    task = asyncio.create_task(runner.run())
+    config = gated(tmp_path, "resume", embed_queue=2)
+    runner, state, task = start(config)
     async with asyncio.timeout(30):
         await runner.wait_until(lambda r: bool(r._stages) and r._stages[1].view.busy == 2)
     runner.stop(signal_name="SIGTERM")
@@ -347,3 +344,37 @@ async def test_a_folder_that_cannot_be_read_is_not_taken_for_deleted(
     assert (outcome.removed, outcome.walk_errors, outcome.unchanged) == (0, 1, 1)
     assert "sub/inner.txt" in SINKS["unreadable"]
     assert statuses(config)["sub/inner.txt"] == "indexed"
+
+
+async def test_an_async_stage_past_its_timeout_fails_the_document(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "docs", {"a.txt": "waits forever"})
+    GATES["deadline"] = asyncio.Event()  # never opened
+    config = write_config(
+        tmp_path,
+        """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: thread, size: 1}}
+  - {name: embed, uses: "tests.engine_stages:Gate", pool: {kind: async, size: 1},
+     timeout_s: 0.2, with: {gate: deadline}}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: deadline}}
+""",
+    )
+    _, outcome = await run_once(config)
+    assert outcome.failure_examples == {"embed: timeout": ["a.txt: timed out after 0.2 s"]}
+
+
+async def test_a_touched_but_unchanged_file_is_not_hashed_again(tmp_path: Path) -> None:
+    import os
+
+    docs = write_corpus(tmp_path / "docs", {"a.txt": "same"})
+    config = write_config(tmp_path, LINES_SINK % "touched")
+    await run_once(config)
+    os.utime(docs / "a.txt", ns=(1_000_000_000, 1_000_000_000))
+    _, outcome = await run_once(config)
+    assert outcome.unchanged == 1
+    cfg = load_config(config)
+    state = open_state(cfg.state, exclusive=False)
+    try:
+        record = state.get("a.txt")
+    finally:
+        state.close()
+    assert record is not None and record.mtime_ns == 1_000_000_000
