@@ -42,7 +42,8 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     kind: PoolKind
-    size: int  # "auto" is already resolved to the CPU count
+    size: int  # "auto" is already resolved to the CPU count; the ceiling when adaptive
+    adaptive: bool = False  # calls in flight follow the server (pipeline.limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class RetryConfig:
     attempts: int = 5  # total tries, the first included
     base_s: float = 0.5
     cap_s: float = 30.0
+    max_wait_s: float = 180.0  # how long an unavailable server is waited for
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +254,15 @@ class _Loader:
             expected = f"one of {', '.join(cls.POOLS)} (the pools {uses} runs on)"
             raise self.fail((*at, "kind"), expected, kind)
         size = values["size"] if values["size"] is not None else cls.DEFAULT_SIZE
-        return PoolConfig(kind=cast(PoolKind, kind), size=cpu_count() if size == "auto" else size)
+        adaptive = values["adaptive"] if values["adaptive"] is not None else kind == "async"
+        if adaptive and kind == "process":
+            expected = "false on a process pool (its workers are CPU-bound, not a server's)"
+            raise self.fail((*at, "adaptive"), expected, adaptive)
+        return PoolConfig(
+            kind=cast(PoolKind, kind),
+            size=cpu_count() if size == "auto" else size,
+            adaptive=adaptive,
+        )
 
     def retry(self, raw: Mapping[str, Any] | None, at: KeyPath) -> RetryConfig:
         values = self.section(raw or {}, at, RETRY)

@@ -6,7 +6,11 @@
     │                     credentials rejected): stop at once, exit 3
     └── StageError        one item failed inside a stage
         ├── TransientError  worth retrying: timeout, dropped connection, 429, 5xx
+        │                   (flags: `overloaded` cuts the adaptive limit, `unavailable`
+        │                   opens the circuit breaker instead of using up attempts)
         └── PermanentError  never retried: corrupt PDF, HTTP 400; the document fails
+                            (flag: `config_suspect`, the same refusal for every
+                            document means the config is wrong: the run stops)
 
 Stages translate library errors into these at their edge (`raise TransientError(...)
 from exc`); the engine looks at types only. Any other exception escaping a stage is
@@ -92,10 +96,16 @@ class TransientError(StageError):
         reason: str | None = None,
         retry_after: float | None = None,
         cool_pool: bool = False,
+        overloaded: bool = False,
+        unavailable: bool = False,
     ) -> None:
         super().__init__(message, reason=reason)
         self.retry_after = retry_after  # seconds, from the server's Retry-After
         self.cool_pool = cool_pool  # a 429: the whole pool should wait, not one worker
+        # The server is saturated (timeout, 429, 503): fewer calls in flight, now.
+        self.overloaded = overloaded
+        # The server is not there (refused, reset, 502/503/504): wait on the breaker.
+        self.unavailable = unavailable
 
 
 class PermanentError(StageError):
@@ -106,6 +116,14 @@ class PermanentError(StageError):
     """
 
     reason = "permanent"
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, config_suspect: bool = False
+    ) -> None:
+        super().__init__(message, reason=reason)
+        # A refusal that may come from a setting, not the item (an HTTP 400 or 422):
+        # if the first documents all fail alike, the run stops (pipeline.systemic).
+        self.config_suspect = config_suspect
 
 
 def _rebuild(

@@ -51,6 +51,12 @@ class Metrics:
             "pipeline_workers_busy", "Workers of a stage working on a batch", ["stage"], registry=r
         )
         self.workers = Gauge("pipeline_workers", "Workers of a stage", ["stage"], registry=r)
+        self.concurrency_limit = Gauge(
+            "pipeline_concurrency_limit",
+            "Calls a stage may have in flight now (adaptive pools follow the server)",
+            ["stage"],
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "pipeline_stage_seconds",
             "Time one call of a stage took (one batch, one attempt)",
@@ -85,9 +91,11 @@ class Metrics:
         workers: int,
         depth: Callable[[], float],
         busy: Callable[[], float],
+        limit: Callable[[], float],
     ) -> None:
         self.queue_capacity.labels(stage).set(capacity)
         self.workers.labels(stage).set(workers)
+        self.concurrency_limit.labels(stage).set_function(limit)
         self.queue_depth.labels(stage).set_function(depth)
         self.workers_busy.labels(stage).set_function(busy)
         for outcome in ("ok", "failed"):

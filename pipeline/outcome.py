@@ -48,6 +48,7 @@ class RunOutcome:
     fatal: str | None = None
     walk_complete: bool = False
     walk_errors: int = 0  # folders that could not be read: no pruning after such a walk
+    notes: list[str] = field(default_factory=list)  # said once at the end, by stages
     seconds: float = 0.0
 
     def record_failure(self, path: str, *, stage: str, reason: str, message: str) -> None:
@@ -106,5 +107,6 @@ class RunOutcome:
             "failure_examples": self.failure_examples,
             "stopped_by": self.stopped_by,
             "fatal": self.fatal,
+            "notes": self.notes,
             "seconds": round(self.seconds, 3),
         }

@@ -51,7 +51,32 @@ def stage_numbers(view: StageView, *, seconds: float) -> dict[str, Any]:
         "queue_full_share": round(_share(view.full_seconds, seconds), 3),
         "p50_batch_seconds": None if p50 is None else round(p50, 4),
         "p95_batch_seconds": None if p95 is None else round(p95, 4),
+        "concurrency": _concurrency(view),
     }
+
+
+def _concurrency(view: StageView) -> dict[str, Any] | None:
+    """How the adaptive limit moved: where it started, ended, its range and its trace."""
+    stats = view.limit_stats
+    if stats is None:
+        return None
+    return {
+        "ceiling": stats.ceiling,
+        "initial": stats.initial,
+        "final": stats.final,
+        "lowest": stats.lowest,
+        "highest": stats.highest,
+        "overload_cuts": stats.cuts,
+        "fastest_call_seconds": None if stats.floor_s is None else round(stats.floor_s, 4),
+        "trace": [[t, limit] for t, limit in stats.trace],
+    }
+
+
+def _server_bound(view: StageView) -> bool:
+    """The adaptive limit stayed below the ceiling: latency rose with load (or the
+    server said it was overloaded), so more calls in flight would only queue."""
+    stats = view.limit_stats
+    return stats is not None and stats.final < stats.ceiling
 
 
 def hints(views: Sequence[StageView], *, seconds: float) -> list[str]:
@@ -71,6 +96,14 @@ def hints(views: Sequence[StageView], *, seconds: float) -> list[str]:
         ]
     full = _share(limiting.full_seconds, seconds)
     busy = _share(limiting.busy_seconds, seconds * limiting.workers)
+    if _server_bound(limiting) and limiting.limit_stats is not None:
+        stats = limiting.limit_stats
+        return [
+            f"{limiting.name}: queue full {full:.0%} of the run; its server is the limit: "
+            f"latency rose with load, so at most {stats.final} of {stats.ceiling} calls went "
+            "out at once. More workers would only queue at the server; a faster server, "
+            "more replicas or a GPU would help"
+        ]
     change = {
         "process": f"raise stages.{limiting.name}.pool.size (CPU-bound: one worker per core)",
         "async": f"raise stages.{limiting.name}.pool.size or batch",

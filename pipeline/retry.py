@@ -1,11 +1,15 @@
 """Retrying transient failures: capped exponential backoff, full jitter, Retry-After.
 
-The loop itself is tenacity's; what is ours is the policy. Only TransientError is
-retried (the stage decided at its edge what is worth another try); PermanentError
-and FatalError go straight through. A server's Retry-After wins over our own
-backoff when it asks for longer. A 429 cools the whole pool, not one worker:
-sixty-four workers each backing off on their own would keep hammering a server
-that asked all of us to wait.
+Only TransientError is retried (the stage decided at its edge what is worth
+another try); PermanentError and FatalError go straight through. A server's
+Retry-After wins over our own backoff when it asks for longer. A 429 cools the
+whole pool, not one worker: sixty-four workers each backing off on their own
+would keep hammering a server that asked all of us to wait.
+
+An error that says the server is not there at all (`unavailable`: connection
+refused, 502/503/504) is not the document's problem: it costs no attempt, and
+the next try waits on the pool's circuit breaker (`pipeline.breaker`), which
+lets one probe out at a time for up to `max_wait_s` before the run stops.
 """
 
 from __future__ import annotations
@@ -15,14 +19,8 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-)
-
-from pipeline.errors import TransientError
+from pipeline.breaker import Breaker
+from pipeline.errors import StageError, TransientError
 
 __all__ = ["Cooldown", "RetryPolicy", "backoff"]
 
@@ -57,7 +55,8 @@ class Cooldown:
 
 
 class RetryPolicy:
-    """How one stage retries: `attempts` tries in all, backoff between them."""
+    """How one stage retries: `attempts` tries in all, backoff between them, and the
+    breaker that holds the pool while its server is unavailable."""
 
     def __init__(
         self,
@@ -65,6 +64,8 @@ class RetryPolicy:
         attempts: int,
         base: float,
         cap: float,
+        max_wait_s: float = 180.0,
+        name: str = "stage",
         sleep: Sleep = asyncio.sleep,
         on_retry: Callable[[TransientError], None] | None = None,
     ) -> None:
@@ -72,39 +73,57 @@ class RetryPolicy:
         self.base = base
         self.cap = cap
         self.cooldown = Cooldown(sleep=sleep)
+        self.breaker = Breaker(name=name, budget_s=max_wait_s, base_s=base, cap_s=cap)
         self._sleep = sleep
-        self._on_retry = on_retry
+        self._on_retry = on_retry or _ignore
 
-    def _wait(self, state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
-        delay = backoff(state.attempt_number, base=self.base, cap=self.cap)
-        if isinstance(error, TransientError):
-            if error.retry_after is not None:
-                delay = max(delay, error.retry_after)
-            if error.cool_pool:
-                self.cooldown.extend(delay)
+    def delay(self, failures: int, error: TransientError) -> float:
+        """Seconds before the next try after `failures` failed ones."""
+        delay = backoff(failures, base=self.base, cap=self.cap)
+        if error.retry_after is not None:
+            delay = max(delay, error.retry_after)
+        if error.cool_pool:
+            self.cooldown.extend(delay)
         return delay
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        if self._on_retry is not None and isinstance(error, TransientError):
-            self._on_retry(error)
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn`, retrying TransientError; the last error is raised as itself."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts),
-            wait=self._wait,
-            retry=retry_if_exception_type(TransientError),
-            before_sleep=self._before_sleep,
-            sleep=self._sleep,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
+        failures = 0
+        while True:
+            probe = await self.breaker.admit()
+            settled = False
+            try:
                 await self.cooldown.wait()
-                return await fn()
-        raise AssertionError("unreachable: tenacity either returns or reraises")
+                try:
+                    result = await fn()
+                except TransientError as exc:
+                    if exc.unavailable:
+                        self.breaker.failed(probe=probe, reason=str(exc))
+                        settled = True
+                        self._on_retry(exc)
+                        continue
+                    self.breaker.answered(probe=probe)
+                    settled = True
+                    failures += 1
+                    if failures >= self.attempts:
+                        raise
+                    self._on_retry(exc)
+                    await self._sleep(self.delay(failures, exc))
+                    continue
+                except StageError:
+                    self.breaker.answered(probe=probe)
+                    settled = True
+                    raise
+                self.breaker.answered(probe=probe)
+                settled = True
+                return result
+            finally:
+                if not settled:
+                    self.breaker.abandon(probe=probe)
+
+
+def _ignore(error: TransientError) -> None:
+    del error
 
 
 def _monotonic() -> float:

@@ -8,7 +8,13 @@ A full channel makes `put` wait, which is how a slow stage holds back every
 stage before it and, in the end, the walk of the source folder.
 
 Failures stay with their documents (see `pipeline.batch`: retries, and splitting
-a rejected batch until the bad item is alone). A FatalError stops the run.
+a rejected batch until the bad item is alone), unless every document fails alike
+(`pipeline.systemic`). A FatalError stops the run.
+
+A stage with an adaptive pool (async pools by default) sends at most as many
+calls at once as its `AdaptiveLimit` allows, however many workers it has: a
+worker takes a slot before it takes a batch, so batches wait in the channel (and
+fill up) rather than in workers' hands.
 
 Stopping: `stop()` closes intake and lets in-flight work finish for up to
 `shutdown_timeout_s`, then cancels; `stop(now=True)` cancels at once. Either
@@ -32,12 +38,14 @@ from pipeline.config import PipelineConfig, StageConfig
 from pipeline.errors import FatalError, StageError, TransientError
 from pipeline.intake import Intake
 from pipeline.ledger import Finished, Ledger
+from pipeline.limit import AdaptiveLimit, LimitStats, Permit
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.pools import Pool, open_pool
 from pipeline.retry import RetryPolicy
 from pipeline.stage import Item
 from pipeline.state import RunState
+from pipeline.systemic import Failures, SystemicCheck
 
 __all__ = ["Runner", "StageView"]
 
@@ -64,6 +72,9 @@ class StageView:
     full_seconds: float = 0.0  # time its input channel was full
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     running: dict[int, float] = field(default_factory=dict)  # batch -> started (monotonic)
+    limit: int | None = None  # calls allowed in flight now (adaptive pools)
+    limit_stats: LimitStats | None = None
+    unavailable_s: float = 0.0  # how long its server has been unavailable, now
 
 
 class _Stage:
@@ -74,12 +85,17 @@ class _Stage:
         self.retry = retry
         self.batch_size = pool.batch_size
         self.view = StageView(cfg.name, pool.kind, pool.size, capacity=inbox.capacity)
+        self.limit = AdaptiveLimit(pool.size) if cfg.pool.adaptive else None
+        self.systemic = SystemicCheck(cfg.name)
 
     def depth(self) -> float:
         return self.inbox.depth
 
     def busy(self) -> float:
         return self.view.busy
+
+    def allowed(self) -> float:
+        return self.limit.limit if self.limit is not None else self.pool.size
 
 
 class Runner:
@@ -112,6 +128,10 @@ class Runner:
         for st in self._stages:
             st.view.depth = st.inbox.depth
             st.view.full_seconds = st.inbox.full_seconds()
+            st.view.unavailable_s = st.retry.breaker.open_seconds()
+            if st.limit is not None:
+                st.view.limit = st.limit.limit
+                st.view.limit_stats = st.limit.stats()
         return [st.view for st in self._stages]
 
     def full_since(self, stage: str) -> float | None:
@@ -223,6 +243,8 @@ class Runner:
                 attempts=cfg.retry.attempts,
                 base=cfg.retry.base_s,
                 cap=cfg.retry.cap_s,
+                max_wait_s=cfg.retry.max_wait_s,
+                name=cfg.name,
                 sleep=self._sleep,
                 on_retry=self._retry_counter(cfg.name),
             )
@@ -234,6 +256,7 @@ class Runner:
                 workers=pool.size,
                 depth=st.depth,
                 busy=st.busy,
+                limit=st.allowed,
             )
             if pool.stage is not None:
                 self.metrics.watch_counters(pool.stage)
@@ -241,6 +264,8 @@ class Runner:
 
     async def _close_stages(self) -> None:
         for st in self._stages:
+            if st.pool.stage is not None:
+                self.outcome.notes += [f"{st.cfg.name}: {note}" for note in st.pool.stage.notes()]
             try:
                 await st.pool.close()
             except Exception:  # noqa: BLE001 - closing must reach every pool; recorded
@@ -270,46 +295,122 @@ class Runner:
             async with asyncio.TaskGroup() as tg:
                 for n in range(st.pool.size):
                     tg.create_task(self._worker(st, outbox), name=f"{st.cfg.name}-{n}")
+            await self._record_failures(st, st.systemic.prove())  # no success, no verdict either
         finally:
             if outbox is not None:
                 outbox.close()
 
     async def _worker(self, st: _Stage, outbox: Channel[Item] | None) -> None:
         while True:
-            batch = await st.inbox.get_batch(st.batch_size)
+            permit = await st.limit.acquire() if st.limit is not None else None
+            try:
+                batch = await st.inbox.get_batch(st.batch_size)
+            except BaseException:
+                self._give_back(st, permit)
+                raise
             if not batch:
+                self._give_back(st, permit)
                 return
             # Split once: releasing a dead item may await, and another worker may fail
             # a document meanwhile; an item must be either released here or processed.
             dead = [item for item in batch if self.ledger.has_failed(item.doc)]
             live = [item for item in batch if not self.ledger.has_failed(item.doc)]
+            if not live:
+                self._give_back(st, permit)
             for item in dead:
                 await self._release(item.doc)
             if not live:
                 continue
-            outputs, failures = await run_batch(
-                lambda items: self._timed(st, items), live, retry=st.retry, stage=st.cfg.name
-            )
-            for out in outputs:
-                self.ledger.add(out.doc)
-                if outbox is None:
-                    self.ledger.sink(out.doc)
-                pages = out.data.get("pages")
-                if isinstance(pages, list):  # the documented field of page-producing stages
-                    self.outcome.pages += len(pages)
-            for item, error in failures:
-                self.ledger.fail(item.doc, stage=st.cfg.name, error=error)
-            st.view.done += len(live) - len(failures)
-            st.view.failed += len(failures)
-            self.metrics.items.labels(st.cfg.name, "ok").inc(len(live) - len(failures))
-            self.metrics.items.labels(st.cfg.name, "failed").inc(len(failures))
-            for item in live:
+            slots = [permit] if permit is not None else []
+            try:
+                outputs, failures = await run_batch(
+                    self._attempt(st, slots), live, retry=st.retry, stage=st.cfg.name
+                )
+            finally:
+                for unused in slots:  # the run stopped before the first try
+                    self._give_back(st, unused)
+            if outputs and not st.systemic.proven:
+                await self._record_failures(st, st.systemic.prove())
+            failures, held = st.systemic.screen(failures)
+            await self._handle(st, outbox, live, outputs, failures, held)
+
+    def _attempt(
+        self, st: _Stage, slots: list[Permit]
+    ) -> Callable[[list[Item]], Awaitable[list[Item]]]:
+        """One try of a batch, within the stage's adaptive limit (if it has one).
+
+        The first try uses the slot the worker reserved before taking the batch;
+        retries and split halves take a slot again. What the try taught (its
+        latency, or an overload) goes back to the limit before any retry."""
+        limit = st.limit
+        if limit is None:
+            return lambda items: self._timed(st, items)
+
+        async def attempt(items: list[Item]) -> list[Item]:
+            permit = slots.pop() if slots else await limit.acquire()
+            limit.begin(permit)
+            try:
+                result = await self._timed(st, items)
+            except TransientError as exc:
+                limit.release(permit, size=0, overloaded=exc.overloaded)
+                raise
+            except BaseException:
+                limit.release(permit, size=0)
+                raise
+            limit.release(permit, size=len(items))
+            return result
+
+        return attempt
+
+    def _give_back(self, st: _Stage, permit: Permit | None) -> None:
+        if st.limit is not None and permit is not None:
+            st.limit.release(permit, size=0)
+
+    async def _handle(
+        self,
+        st: _Stage,
+        outbox: Channel[Item] | None,
+        live: list[Item],
+        outputs: list[Item],
+        failures: Failures,
+        held: Failures,
+    ) -> None:
+        """Account one batch's results to their documents and pass the outputs on.
+
+        Held items (see `pipeline.systemic`) keep their documents open: they are
+        neither failed nor released until the stage's verdict is in."""
+        for out in outputs:
+            self.ledger.add(out.doc)
+            if outbox is None:
+                self.ledger.sink(out.doc)
+            pages = out.data.get("pages")
+            if isinstance(pages, list):  # the documented field of page-producing stages
+                self.outcome.pages += len(pages)
+        for item, error in failures:
+            self.ledger.fail(item.doc, stage=st.cfg.name, error=error)
+        done = len(live) - len(failures) - len(held)
+        st.view.done += done
+        st.view.failed += len(failures)
+        self.metrics.items.labels(st.cfg.name, "ok").inc(done)
+        self.metrics.items.labels(st.cfg.name, "failed").inc(len(failures))
+        holding = {id(item) for item, _ in held}
+        for item in live:
+            if id(item) not in holding:
                 await self._release(item.doc)
-            for out in outputs:
-                if outbox is None or self.ledger.has_failed(out.doc):
-                    await self._release(out.doc)
-                else:
-                    await outbox.put(out)
+        for out in outputs:
+            if outbox is None or self.ledger.has_failed(out.doc):
+                await self._release(out.doc)
+            else:
+                await outbox.put(out)
+
+    async def _record_failures(self, st: _Stage, failures: Failures) -> None:
+        """Record held failures, now known to be their documents' own, and release them."""
+        for item, error in failures:
+            self.ledger.fail(item.doc, stage=st.cfg.name, error=error)
+        st.view.failed += len(failures)
+        self.metrics.items.labels(st.cfg.name, "failed").inc(len(failures))
+        for item, _error in failures:
+            await self._release(item.doc)
 
     async def _timed(self, st: _Stage, items: list[Item]) -> list[Item]:
         """One call of the stage's pool, counted as busy time for views and metrics."""

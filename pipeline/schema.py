@@ -205,10 +205,24 @@ RETRY: Mapping[str, Key] = {
     "attempts": Key(integer(1), "Total tries per item, the first included.", default=5),
     "base_s": Key(number(0), "First backoff in seconds; doubles per retry.", default=0.5),
     "cap_s": Key(number(0), "Longest backoff in seconds (>= base_s).", default=30.0),
+    "max_wait_s": Key(
+        number(0, exclusive=True),
+        "How long to wait for a server that is unavailable (refused, 502/503/504) before"
+        " the run stops with exit 3; waiting costs no attempts.",
+        default=180.0,
+    ),
 }
 POOL: Mapping[str, Key] = {
     "kind": Key(choice(("process", "thread", "async")), "Default: the stage's first kind."),
-    "size": Key(POOL_SIZE, 'Copies that run at once; "auto" = usable CPUs.'),
+    "size": Key(
+        POOL_SIZE, 'Copies that run at once; "auto" = usable CPUs. The ceiling if adaptive.'
+    ),
+    "adaptive": Key(
+        FLAG,
+        "Find how many calls the server takes at once (latency, 429/503, timeouts), up to"
+        " size. Default: true on async pools.",
+        nullable=True,
+    ),
 }
 STAGE: Mapping[str, Key] = {
     "name": Key(text(), "Unique: labels metrics, logs and state.", required=True),

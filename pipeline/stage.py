@@ -119,6 +119,11 @@ class StageBase:
         """How many items `process` takes at once; items may come from many documents."""
         return 1
 
+    def notes(self) -> list[str]:
+        """What the run should tell its user once, at the end (e.g. how many chunks were
+        longer than the model's window). Asked of stages in the engine's process."""
+        return []
+
 
 class Stage(StageBase, ABC):
     """A blocking stage: runs in a worker process or a thread.

@@ -117,6 +117,8 @@ def print_summary(outcome: RunOutcome, advice: list[str]) -> None:
         console.print(f"  [red]{count} failed[/red] at {reason}")
         for example in o.failure_examples.get(reason, [])[:3]:
             console.print(f"    {example}")
+    for note in o.notes:
+        console.print(f"note: {note}")
     if o.fatal:
         console.print(f"[red]stopped: {o.fatal}[/red]")
     for line in advice:
@@ -138,7 +140,17 @@ def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float)
         f" | {elapsed:.0f}s{eta}"
     )
     table = Table(expand=False)
-    for column in ("stage", "pool", "busy", "queue", "done", "rate/s", "retries", "failed"):
+    for column in (
+        "stage",
+        "pool",
+        "busy",
+        "limit",
+        "queue",
+        "done",
+        "rate/s",
+        "retries",
+        "failed",
+    ):
         table.add_column(
             column, justify="left" if column in ("stage", "pool", "queue") else "right"
         )
@@ -149,6 +161,7 @@ def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float)
             v.name,
             v.kind,
             f"{v.busy}/{v.workers}",
+            _limit(v),
             f"{bar} {v.depth}/{v.capacity}",
             str(v.done),
             f"{v.done / per_s:.1f}",
@@ -156,6 +169,13 @@ def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float)
             str(v.failed),
         )
     return Group(head, table)
+
+
+def _limit(view: StageView) -> str:
+    """Calls allowed in flight: the adaptive limit, or a paused pool's wait."""
+    if view.unavailable_s > 0:
+        return f"paused {view.unavailable_s:.0f}s"
+    return "-" if view.limit is None else str(view.limit)
 
 
 async def live_view(runner: Runner) -> None:

@@ -9,11 +9,19 @@ and none is opened twice.
 The stage's whole job at its edge is typing failures, because the engine
 retries by type only:
 
-    timeout, dropped connection, 408, 5xx, garbled 200  -> TransientError
-    429                                                 -> TransientError(cool_pool=True)
-    401, 403 (the credentials)                          -> FatalError
-    404, 405 (no embeddings API at that url)            -> FatalError
-    any other 4xx (an input the server refuses)         -> PermanentError
+    timeout, 504                -> TransientError(overloaded): the adaptive limit drops
+    429                         -> TransientError(overloaded, cool_pool): the pool pauses
+    503                         -> TransientError(overloaded, unavailable)
+    refused, reset, 502         -> TransientError(unavailable): the pool waits on the breaker
+    408, other 5xx, garbled 200 -> TransientError
+    401, 403 (the credentials)  -> FatalError
+    404, 405 (no such API/model)-> FatalError
+    other 4xx (400, 422, ...)   -> PermanentError(config_suspect): the document fails, or
+                                   the run stops if the first documents all fail alike
+
+A server's error body is reduced to its reason in any of the usual shapes, never
+the input that was sent (`stages.error_body`). The model's input window, where it
+can be known (`stages.model_window`), is used to count the chunks the model cuts.
 
 The API key is read from the environment at `open()` and lives only in the
 client's default headers: no message, log line or repr built here contains it,
@@ -25,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -38,10 +46,13 @@ import numpy as np
 
 from pipeline.errors import FatalError, PermanentError, TransientError
 from pipeline.stage import AsyncStage, Item, Param, ParamProblem, PoolKind
+from stages.error_body import reason_of
+from stages.model_window import WindowCounter, known_window, window_from_reply
 
 __all__ = ["Embed", "parse_retry_after"]
 
-_SNIPPET_CHARS = 200
+logger = logging.getLogger(__name__)
+_INFO_TIMEOUT_S = 5.0
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -81,7 +92,18 @@ class Embed(AsyncStage):
         ),
         "batch": Param("int", default=64, minimum=1, doc="texts per request"),
         "request_timeout_s": Param(
-            "float", default=60.0, minimum=0.001, doc="deadline for one request, in seconds"
+            "float",
+            default=300.0,
+            minimum=0.001,
+            doc="deadline for one request, in seconds: long enough for a full batch on a"
+            " slow CPU model server (the adaptive limit keeps its queue short)",
+        ),
+        "max_input_tokens": Param(
+            "int",
+            default=None,
+            minimum=1,
+            doc="the model's input window, to count chunks it cuts (default: what the server"
+            " reports, or the window of a known model)",
         ),
         "dimensions": Param(
             "int", default=None, minimum=1, doc="ask for vectors of this size (if the model can)"
@@ -104,11 +126,12 @@ class Embed(AsyncStage):
         self._endpoint = str(self.params["url"]).rstrip("/") + "/embeddings"
         self._model = str(self.params["model"])
         self._key_env: str | None = self.params.get("api_key_env")
-        self._timeout_s = float(self.params.get("request_timeout_s", 60.0))
+        self._timeout_s = float(self.params.get("request_timeout_s", 300.0))
         self._dimensions: int | None = self.params.get("dimensions")
         self._encoding = str(self.params.get("encoding", "base64"))
         self._client: httpx.AsyncClient | None = None
         self._redact: tuple[str, ...] = ()
+        self._window: WindowCounter | None = None
 
     @classmethod
     def check(cls, params: Mapping[str, Any]) -> list[ParamProblem]:
@@ -141,6 +164,30 @@ class Embed(AsyncStage):
         self._client = httpx.AsyncClient(
             headers=headers, limits=limits, timeout=httpx.Timeout(self._timeout_s)
         )
+        self._window = await self._find_window(self._client)
+
+    async def _find_window(self, client: httpx.AsyncClient) -> WindowCounter | None:
+        """The model's input window: set, reported by the server, or known by name."""
+        window: int | None = self.params.get("max_input_tokens")
+        if window is not None:
+            return WindowCounter(window, model=self._model, source="max_input_tokens")
+        base = self._endpoint.removesuffix("/embeddings")
+        for url in (f"{base}/models", base.removesuffix("/v1") + "/info"):
+            try:
+                response = await client.get(url, timeout=_INFO_TIMEOUT_S)
+                window = window_from_reply(response.json(), self._model)
+            except (httpx.HTTPError, ValueError):
+                window = None  # a server that does not say is common; fall back to the table
+            if window is not None:
+                return WindowCounter(window, model=self._model, source="reported by the server")
+        window = known_window(self._model)
+        if window is not None:
+            return WindowCounter(window, model=self._model, source="known model")
+        return None
+
+    def notes(self) -> list[str]:
+        note = self._window.note() if self._window is not None else None
+        return [note] if note else []
 
     async def close(self) -> None:
         if self._client is not None:
@@ -156,6 +203,14 @@ class Embed(AsyncStage):
                 raise PermanentError(f"{item.doc}: item has no text to embed", reason="no_text")
             texts.append(text)
         vectors = await self.embed_texts(texts)
+        if self._window is not None and self._window.count(texts) and self._window.over == 1:
+            logger.warning(
+                "%s: chunks longer than %s's %d-token input window are cut by the model; "
+                "how many is said at the end of the run",
+                self.name,
+                self._model,
+                self._window.window,
+            )
         return [
             Item(item.doc, {**item.data, "vector": vector})
             for item, vector in zip(items, vectors, strict=True)
@@ -181,14 +236,16 @@ class Embed(AsyncStage):
             raise
         self.increment("embedding_requests", str(response.status_code))
         if not 200 <= response.status_code < 300:
-            raise self._status_error(response)
+            raise self._status_error(response, texts)
         return self._vectors(response, len(texts))
 
     async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> httpx.Response:
         """POST with an overall deadline; transport failures become TransientError.
 
         httpx's timeout bounds each phase (connect, each read); `asyncio.timeout`
-        bounds the whole call, so a server trickling bytes cannot hold a copy.
+        bounds the whole call, so a server trickling bytes cannot hold a copy. A
+        timeout says the server is saturated (the limit drops before any resend);
+        a refused or reset connection says it is not there (the pool waits).
         """
         where = f"embedding request to {self._endpoint}"
         try:
@@ -196,49 +253,51 @@ class Embed(AsyncStage):
                 return await client.post(self._endpoint, json=payload)
         except (httpx.TimeoutException, TimeoutError) as exc:
             raise TransientError(
-                f"{where} timed out after {self._timeout_s:g}s", reason="timeout"
+                f"{where} timed out after {self._timeout_s:g}s", reason="timeout", overloaded=True
             ) from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             raise TransientError(
-                f"{where} failed: {type(exc).__name__}: {exc}", reason="connection"
+                f"{where} failed: {type(exc).__name__}: {exc}",
+                reason="connection",
+                unavailable=True,
             ) from exc
         except httpx.DecodingError as exc:  # a body that fails its Content-Encoding
             raise TransientError(
                 f"{where}: undecodable reply: {exc}", reason="bad_response"
             ) from exc
 
-    def _status_error(self, response: httpx.Response) -> Exception:
+    def _status_error(self, response: httpx.Response, texts: list[str]) -> Exception:
         code = response.status_code
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         where = f"embedding API at {self._endpoint} answered HTTP {code}"
+        reason = reason_of(response.text, sent=texts, secrets=self._redact)
         if code == 429:
             return TransientError(
-                f"{where} (rate limited)",
+                f"{where} (rate limited): {reason}",
                 reason="http_429",
                 retry_after=retry_after,
                 cool_pool=True,
+                overloaded=True,
+            )
+        if code in (502, 503, 504):
+            return TransientError(
+                f"{where}: {reason}",
+                reason=f"http_{code}",
+                retry_after=retry_after,
+                overloaded=code != 502,
+                unavailable=True,
             )
         if code == 408 or code >= 500:
-            return TransientError(where, reason=f"http_{code}", retry_after=retry_after)
+            return TransientError(
+                f"{where}: {reason}", reason=f"http_{code}", retry_after=retry_after
+            )
         if code in (401, 403):
             check = f"check the key in ${self._key_env}" if self._key_env else "set api_key_env"
             return FatalError(f"embedding API rejected the credentials (HTTP {code}); {check}")
         if code in (404, 405):
             # A wrong url or model fails every request alike: stop, do not dead-letter all.
-            return FatalError(f"{where}: {self._snippet(response)}; check url and model")
-        return PermanentError(f"{where}: {self._snippet(response)}", reason=f"http_{code}")
-
-    def _snippet(self, response: httpx.Response) -> str:
-        """The server's error message, short, on one line, with the key redacted."""
-        text = response.text
-        try:
-            message = json.loads(text)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = text
-        snippet = " ".join(str(message).split())[:_SNIPPET_CHARS] or "(empty body)"
-        for secret in self._redact:
-            snippet = snippet.replace(secret, "[redacted]")
-        return snippet
+            return FatalError(f"{where}: {reason}; check url and model")
+        return PermanentError(f"{where}: {reason}", reason=f"http_{code}", config_suspect=True)
 
     def _vectors(self, response: httpx.Response, expected: int) -> list[list[float]]:
         """Decode the embeddings of a 200 reply, in input order.

@@ -94,7 +94,7 @@ def test_good_config_loads_into_dataclasses_with_defaults(tmp_path: Path) -> Non
     assert (double.timeout_s, double.memory_mb, double.retry) == (None, None, RetryConfig())
     assert double.params == {"factor": 2}
     assert double.line == 4
-    assert echo.pool == PoolConfig(kind="async", size=8)
+    assert echo.pool == PoolConfig(kind="async", size=8, adaptive=True)
     assert (echo.queue, echo.timeout_s, echo.line) == (3, 5.0, 6)
     assert echo.retry == RetryConfig(attempts=2, base_s=0.5, cap_s=30.0)
     assert echo.params == {
@@ -116,7 +116,7 @@ def test_pool_size_auto_is_the_cpu_count_and_queue_defaults_to_twice_the_size(
 ) -> None:
     text = GOOD.replace("pool: {kind: async, size: 8}\n    queue: 3", "pool: {size: auto}")
     echo = load_config(write(tmp_path, text), env=ENV).stages[1]
-    assert echo.pool == PoolConfig(kind="async", size=cpu_count())
+    assert echo.pool == PoolConfig(kind="async", size=cpu_count(), adaptive=True)
     assert echo.queue == 2 * cpu_count()
     assert cpu_count() == len(os.sched_getaffinity(0))
 
@@ -546,7 +546,7 @@ def test_the_documented_pipeline_yaml_loads_with_the_real_stages(tmp_path: Path)
     assert (extract.queue, extract.timeout_s, extract.memory_mb) == (4, 120.0, 2048)
     assert chunk.pool.kind == "thread" and chunk.queue == 2 * chunk.pool.size
     assert chunk.params["size"] == 1200 and chunk.params["overlap"] == 200
-    assert embed.pool == PoolConfig("async", 64) and embed.queue == 128
+    assert embed.pool == PoolConfig("async", 64, adaptive=True) and embed.queue == 128
     assert embed.params["api_key_env"] == "EMBEDDING_API_KEY"
     assert store.params["path"] == (tmp_path / ".pipeline/qdrant").resolve()
     assert not (tmp_path / ".pipeline").exists()
