@@ -45,7 +45,7 @@ _TRACE_KEPT = 512  # changes of the limit kept for the report (older ones thinne
 class Permit:
     """One slot, held from `acquire` to `release`; `begin` marks the call's start."""
 
-    started: float = 0.0
+    started: float | None = None  # None until the call begins
     held: int = 0  # slots held when the call began, this one included
     epoch: int = 0  # cuts made before the call began
 
@@ -128,14 +128,15 @@ class AdaptiveLimit:
         """Give the slot back, learning from the call: a success measured from `begin`
         (size = items in the call), an overload (timeout, 429, 503), or neither
         (`size=0`: the call never reached the server or failed for its input)."""
+        in_flight = self._held
         self._held -= 1
         if overloaded:
             self._cut(permit)
-        elif size > 0 and permit.started:
-            self._learn(permit, self._clock() - permit.started, size)
+        elif size > 0 and permit.started is not None:
+            self._learn(permit, self._clock() - permit.started, size, in_flight)
         self._wake()
 
-    def _learn(self, permit: Permit, seconds: float, size: int) -> None:
+    def _learn(self, permit: Permit, seconds: float, size: int, in_flight: int) -> None:
         self._floor_call = min(self._floor_call, seconds)
         self._floor_item = min(self._floor_item, seconds / size)
         floor = max(self._floor_call, self._floor_item * size)
@@ -146,7 +147,7 @@ class AdaptiveLimit:
             if target < self._value:
                 self._slow_start = False
                 self._set(target)
-        elif permit.held * 2 >= self._value:  # in use: there is demand for more
+        elif max(permit.held, in_flight) * 2 >= self._value:  # in use: demand for more
             growth = 1.0 if self._slow_start else 1.0 / math.sqrt(self._value)
             self._set(self._value + growth)
 
