@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pipeline.errors import FatalError, PermanentError, StageError, TransientError
 from pipeline.retry import RetryPolicy
 from pipeline.stage import Item
+from pipeline.systemic import SystemicCheck
 
 __all__ = ["Failures", "run_batch"]
 
@@ -31,10 +32,18 @@ async def run_batch(
     *,
     retry: RetryPolicy,
     stage: str,
+    verdict: SystemicCheck | None = None,
 ) -> tuple[list[Item], Failures]:
-    """The outputs of the items that succeeded, and each failed item with its error."""
+    """The outputs of the items that succeeded, and each failed item with its error.
+
+    `verdict` hears of every success and refusal as they happen, so a refusal that
+    every document meets stops the run before the batches are split down to items.
+    """
     try:
-        return [*await retry.call(lambda: run(items))], []
+        outputs = [*await retry.call(lambda: run(items))]
+        if verdict is not None:
+            verdict.succeeded()
+        return outputs, []
     except TransientError as exc:
         tries = retry.attempts
         gave_up = TransientError(f"{exc} (gave up after {tries} attempts)", reason=exc.reason)
@@ -42,6 +51,8 @@ async def run_batch(
     except FatalError:
         raise
     except PermanentError as exc:
+        if verdict is not None:
+            verdict.refused(items, exc)
         error: StageError = exc
     except Exception as exc:  # noqa: BLE001 - a stage bug fails its items, not the run
         logger.exception("stage %s raised an unexpected error", stage)
@@ -49,6 +60,6 @@ async def run_batch(
     if len(items) == 1:
         return [], [(items[0], error)]
     middle = len(items) // 2
-    left = await run_batch(run, items[:middle], retry=retry, stage=stage)
-    right = await run_batch(run, items[middle:], retry=retry, stage=stage)
+    left = await run_batch(run, items[:middle], retry=retry, stage=stage, verdict=verdict)
+    right = await run_batch(run, items[middle:], retry=retry, stage=stage, verdict=verdict)
     return left[0] + right[0], left[1] + right[1]

@@ -60,6 +60,7 @@ class LimitStats:
     lowest: int
     highest: int
     cuts: int
+    mean: float  # the limit averaged over time
     floor_s: float | None  # fastest call seen
     trace: list[tuple[float, int]]  # (seconds since start, limit) at each change
 
@@ -91,6 +92,8 @@ class AdaptiveLimit:
         self._initial = int(self._value)
         self._lowest = self._highest = int(self._value)
         self._trace: list[tuple[float, int]] = [(0.0, int(self._value))]
+        self._area = 0.0  # integral of the limit over time, for its mean
+        self._since = self._born
 
     @property
     def limit(self) -> int:
@@ -113,7 +116,7 @@ class AdaptiveLimit:
             if waiter.done() and not waiter.cancelled():
                 self._held -= 1  # granted as we were cancelled: give it back
                 self._wake()
-            else:
+            elif waiter in self._waiters:
                 self._waiters.remove(waiter)
             raise
         return Permit()
@@ -124,17 +127,20 @@ class AdaptiveLimit:
         permit.held = self._held
         permit.epoch = self._epoch
 
-    def release(self, permit: Permit, *, size: int = 1, overloaded: bool = False) -> None:
-        """Give the slot back, learning from the call: a success measured from `begin`
-        (size = items in the call), an overload (timeout, 429, 503), or neither
-        (`size=0`: the call never reached the server or failed for its input)."""
-        in_flight = self._held
+    def release(self, permit: Permit, *, size: int = 0, overloaded: bool = False) -> None:
+        """Give the slot back, learning from the call (see `observe`)."""
+        self.observe(permit, size=size, overloaded=overloaded)
         self._held -= 1
+        self._wake()
+
+    def observe(self, permit: Permit, *, size: int = 0, overloaded: bool = False) -> None:
+        """Learn from a call: a success measured from `begin` (size = items in the
+        call), an overload (timeout, 429, 503), or neither (`size=0`: the call never
+        reached the server, or failed for its input)."""
         if overloaded:
             self._cut(permit)
         elif size > 0 and permit.started is not None:
-            self._learn(permit, self._clock() - permit.started, size, in_flight)
-        self._wake()
+            self._learn(permit, self._clock() - permit.started, size, self._held)
 
     def _learn(self, permit: Permit, seconds: float, size: int, in_flight: int) -> None:
         self._floor_call = min(self._floor_call, seconds)
@@ -163,9 +169,12 @@ class AdaptiveLimit:
         self._value = min(float(self.ceiling), max(1.0, value))
         after = self.limit
         if after != before:
+            now = self._clock()
+            self._area += before * (now - self._since)
+            self._since = now
             self._lowest = min(self._lowest, after)
             self._highest = max(self._highest, after)
-            self._trace.append((round(self._clock() - self._born, 3), after))
+            self._trace.append((round(now - self._born, 3), after))
             if len(self._trace) > _TRACE_KEPT:
                 del self._trace[1:-1:2]  # thin out, keeping the first and the last
 
@@ -177,6 +186,8 @@ class AdaptiveLimit:
                 waiter.set_result(None)
 
     def stats(self) -> LimitStats:
+        now = self._clock()
+        area = self._area + self.limit * (now - self._since)
         return LimitStats(
             ceiling=self.ceiling,
             initial=self._initial,
@@ -184,6 +195,7 @@ class AdaptiveLimit:
             lowest=self._lowest,
             highest=self._highest,
             cuts=self._epoch,
+            mean=area / (now - self._born) if now > self._born else float(self.limit),
             floor_s=None if math.isinf(self._floor_call) else self._floor_call,
             trace=list(self._trace),
         )

@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.limit import LimitStats
 from pipeline.outcome import RunOutcome
 from pipeline.runner import StageView
 
@@ -66,21 +67,25 @@ def _concurrency(view: StageView) -> dict[str, Any] | None:
         "final": stats.final,
         "lowest": stats.lowest,
         "highest": stats.highest,
+        "mean": round(stats.mean, 2),
         "overload_cuts": stats.cuts,
         "fastest_call_seconds": None if stats.floor_s is None else round(stats.floor_s, 4),
         "trace": [[t, limit] for t, limit in stats.trace],
     }
 
 
-def _server_bound(view: StageView) -> bool:
-    """The adaptive limit stayed below the ceiling: latency rose with load (or the
-    server said it was overloaded), so more calls in flight would only queue."""
+def _server_bound(view: StageView) -> LimitStats | None:
+    """The limit's numbers if it stayed below the ceiling: latency rose with load (or
+    the server said it was overloaded), so more calls in flight would only queue."""
     stats = view.limit_stats
-    return stats is not None and stats.final < stats.ceiling
+    return stats if stats is not None and stats.mean < stats.ceiling * 0.9 else None
 
 
 def hints(views: Sequence[StageView], *, seconds: float) -> list[str]:
-    """One line naming the stage that limited the run and what to change."""
+    """One line naming the stage that limited the run and what to change.
+
+    A stage whose server set its adaptive limit below the ceiling is never told to
+    add workers: latency rose with load there, so more calls would only queue."""
     if not views or seconds <= 0:
         return []
     limiting = None
@@ -88,28 +93,45 @@ def hints(views: Sequence[StageView], *, seconds: float) -> list[str]:
         if _share(view.full_seconds, seconds) >= FULL_SHARE_LIMITING:
             limiting = view
     if limiting is None:
+        for view in reversed(views):
+            stats = _server_bound(view)
+            if stats is not None and _limit_busy(view, seconds) >= 0.5:
+                return [_server_hint(view, stats, seconds)]
         first = views[0]
         busy = _share(first.busy_seconds, seconds * first.workers)
         return [
             f"{first.name}: no queue stayed full; the source and {first.name} set the pace "
             f"(workers busy {busy:.0%}): raise stages.{first.name}.pool.size if CPUs are idle"
         ]
+    stats = _server_bound(limiting)
+    if stats is not None:
+        return [_server_hint(limiting, stats, seconds)]
     full = _share(limiting.full_seconds, seconds)
     busy = _share(limiting.busy_seconds, seconds * limiting.workers)
-    if _server_bound(limiting) and limiting.limit_stats is not None:
-        stats = limiting.limit_stats
-        return [
-            f"{limiting.name}: queue full {full:.0%} of the run; its server is the limit: "
-            f"latency rose with load, so at most {stats.final} of {stats.ceiling} calls went "
-            "out at once. More workers would only queue at the server; a faster server, "
-            "more replicas or a GPU would help"
-        ]
     change = {
         "process": f"raise stages.{limiting.name}.pool.size (CPU-bound: one worker per core)",
         "async": f"raise stages.{limiting.name}.pool.size or batch",
         "thread": f"raise stages.{limiting.name}.pool.size or batch",
     }[limiting.kind]
     return [f"{limiting.name}: queue full {full:.0%} of the run, workers busy {busy:.0%}: {change}"]
+
+
+def _limit_busy(view: StageView, seconds: float) -> float:
+    """How much of its adaptive limit a stage used: calls in flight over calls allowed."""
+    stats = view.limit_stats
+    mean = stats.mean if stats is not None else view.workers
+    return _share(view.busy_seconds, seconds * max(mean, 1.0))
+
+
+def _server_hint(view: StageView, stats: LimitStats, seconds: float) -> str:
+    full = _share(view.full_seconds, seconds)
+    return (
+        f"{view.name}: its server is the limit (queue full {full:.0%} of the run, "
+        f"{_limit_busy(view, seconds):.0%} of the allowed calls in flight): latency rose with "
+        f"load, so about {stats.mean:.0f} of {stats.ceiling} calls went out at once. More "
+        "workers would only queue at the server; a faster server, more replicas or a GPU "
+        "would help"
+    )
 
 
 def build_report(outcome: RunOutcome, views: Sequence[StageView]) -> dict[str, Any]:

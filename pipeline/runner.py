@@ -295,7 +295,8 @@ class Runner:
             async with asyncio.TaskGroup() as tg:
                 for n in range(st.pool.size):
                     tg.create_task(self._worker(st, outbox), name=f"{st.cfg.name}-{n}")
-            await self._record_failures(st, st.systemic.prove())  # no success, no verdict either
+            # No success and no verdict either: what was held is the documents' own.
+            await self._handle(st, outbox, [], [], st.systemic.drain())
         finally:
             if outbox is not None:
                 outbox.close()
@@ -324,15 +325,16 @@ class Runner:
             slots = [permit] if permit is not None else []
             try:
                 outputs, failures = await run_batch(
-                    self._attempt(st, slots), live, retry=st.retry, stage=st.cfg.name
+                    self._attempt(st, slots),
+                    live,
+                    retry=st.retry,
+                    stage=st.cfg.name,
+                    verdict=st.systemic,
                 )
             finally:
                 for unused in slots:  # the run stopped before the first try
                     self._give_back(st, unused)
-            if outputs and not st.systemic.proven:
-                await self._record_failures(st, st.systemic.prove())
-            failures, held = st.systemic.screen(failures)
-            await self._handle(st, outbox, live, outputs, failures, held)
+            await self._handle(st, outbox, live, outputs, st.systemic.screen(failures))
 
     def _attempt(
         self, st: _Stage, slots: list[Permit]
@@ -340,8 +342,11 @@ class Runner:
         """One try of a batch, within the stage's adaptive limit (if it has one).
 
         The first try uses the slot the worker reserved before taking the batch;
-        retries and split halves take a slot again. What the try taught (its
-        latency, or an overload) goes back to the limit before any retry."""
+        retries and split halves take a slot again, so a cut limit holds for them
+        too. What the try taught (its latency, or an overload) goes back to the
+        limit before any retry. A try that found the server unavailable keeps its
+        slot: the retry waits on the breaker's probe, which must not wait for a
+        slot held by workers that wait on it."""
         limit = st.limit
         if limit is None:
             return lambda items: self._timed(st, items)
@@ -352,10 +357,14 @@ class Runner:
             try:
                 result = await self._timed(st, items)
             except TransientError as exc:
-                limit.release(permit, size=0, overloaded=exc.overloaded)
+                if exc.unavailable:  # the retry waits on the breaker, not for a slot
+                    limit.observe(permit, overloaded=exc.overloaded)
+                    slots.append(permit)
+                else:
+                    limit.release(permit, overloaded=exc.overloaded)
                 raise
             except BaseException:
-                limit.release(permit, size=0)
+                limit.release(permit)
                 raise
             limit.release(permit, size=len(items))
             return result
@@ -373,7 +382,6 @@ class Runner:
         live: list[Item],
         outputs: list[Item],
         failures: Failures,
-        held: Failures,
     ) -> None:
         """Account one batch's results to their documents and pass the outputs on.
 
@@ -386,31 +394,27 @@ class Runner:
             pages = out.data.get("pages")
             if isinstance(pages, list):  # the documented field of page-producing stages
                 self.outcome.pages += len(pages)
+        # `failures` may include held ones of earlier batches, released by a success.
         for item, error in failures:
             self.ledger.fail(item.doc, stage=st.cfg.name, error=error)
-        done = len(live) - len(failures) - len(held)
+        failed = {id(item) for item, _ in failures}
+        done = sum(1 for i in live if id(i) not in failed and not st.systemic.holds(i))
         st.view.done += done
         st.view.failed += len(failures)
         self.metrics.items.labels(st.cfg.name, "ok").inc(done)
         self.metrics.items.labels(st.cfg.name, "failed").inc(len(failures))
-        holding = {id(item) for item, _ in held}
+        mine = {id(item) for item in live}
+        for item, _error in failures:
+            if id(item) not in mine:
+                await self._release(item.doc)  # held by an earlier batch until now
         for item in live:
-            if id(item) not in holding:
+            if not st.systemic.holds(item):
                 await self._release(item.doc)
         for out in outputs:
             if outbox is None or self.ledger.has_failed(out.doc):
                 await self._release(out.doc)
             else:
                 await outbox.put(out)
-
-    async def _record_failures(self, st: _Stage, failures: Failures) -> None:
-        """Record held failures, now known to be their documents' own, and release them."""
-        for item, error in failures:
-            self.ledger.fail(item.doc, stage=st.cfg.name, error=error)
-        st.view.failed += len(failures)
-        self.metrics.items.labels(st.cfg.name, "failed").inc(len(failures))
-        for item, _error in failures:
-            await self._release(item.doc)
 
     async def _timed(self, st: _Stage, items: list[Item]) -> list[Item]:
         """One call of the stage's pool, counted as busy time for views and metrics."""

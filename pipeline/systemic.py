@@ -3,15 +3,21 @@
 A setting the server refuses on every request (`dimensions` above what the model
 has, a model name it does not serve) answers each request with the same 400.
 Splitting batches would then fail every chunk alone and dead-letter the whole
-corpus, and the next run would do it again. So while a stage has not had a
-single success, its `config_suspect` failures are held, not recorded: their
-documents stay open. If `THRESHOLD` different documents fail with the same
-reason and message before anything succeeds, nothing can work: the run stops
-(FatalError, exit 3) with the server's reason, and those documents stay pending.
-The first success proves the stage works, and what was held is released as the
-ordinary per-document failures it then is (one poisoned chunk among good ones
-fails only its document). A stage that ends without any success releases its
-held failures the same way.
+corpus, and the next run would do it again. So until a stage has had one
+success, its `config_suspect` refusals are evidence, and the failures they end in
+are held, not recorded: their documents stay open.
+
+The evidence is the groups of items refused (a batch, then its halves as it is
+split). One poisoned chunk can make only one of several disjoint groups fail; so
+once `THRESHOLD` disjoint groups, from more than one document, have been refused
+with the same reason and message before anything succeeded, nothing can work:
+the run stops (FatalError, exit 3) with the server's reason, and the documents
+stay pending for the next run, after the setting is fixed.
+
+The first success proves the stage works: what was held is released as the
+ordinary per-document failures it then is (a poisoned chunk among good ones
+fails only its document). A stage that ends without a success or a verdict
+releases what it held the same way.
 """
 
 from __future__ import annotations
@@ -19,48 +25,73 @@ from __future__ import annotations
 from pipeline.errors import FatalError, PermanentError, StageError
 from pipeline.stage import Item
 
-__all__ = ["THRESHOLD", "SystemicCheck"]
+__all__ = ["THRESHOLD", "Failures", "SystemicCheck"]
 
-THRESHOLD = 3  # different documents failing alike before any success
+THRESHOLD = 3  # disjoint groups refused alike before any success
 
 Failures = list[tuple[Item, StageError]]
+HELD_MOST = 1024  # refusals that never agree past this many are the items' own
+_Group = tuple[frozenset[int], frozenset[str], list[Item]]  # ids, documents, the items
+# (the items themselves are kept so that their ids cannot be reused by new items)
 
 
 class SystemicCheck:
-    """One stage's verdict: proven (something succeeded), or suspect failures held."""
+    """One stage's verdict: proven (something succeeded), or refusals held as evidence."""
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self.proven = False
-        self.held: Failures = []
+        self._held: Failures = []
+        self._held_ids: set[int] = set()
+        self._evidence: dict[tuple[str, str], list[_Group]] = {}
 
-    def screen(self, failures: Failures) -> tuple[Failures, Failures]:
-        """Split into (record now, hold); raises FatalError when the held failures
-        show that every document fails alike."""
-        if self.proven:
-            return failures, []
-        now: Failures = []
-        held: Failures = []
-        for item, error in failures:
-            suspect = isinstance(error, PermanentError) and error.config_suspect
-            (held if suspect else now).append((item, error))
-        self.held += held
-        self._judge()
-        return now, held
-
-    def prove(self) -> Failures:
-        """A success: from now on nothing is held; returns what was held, to record."""
+    def succeeded(self) -> None:
+        """A call of the stage succeeded: it works; nothing is held from now on."""
         self.proven = True
-        released, self.held = self.held, []
-        return released
+        self._evidence.clear()
 
-    def _judge(self) -> None:
-        docs: dict[tuple[str, str], set[str]] = {}
-        for item, error in self.held:
-            docs.setdefault((error.reason, str(error)), set()).add(item.doc)
-        for (_reason, message), names in docs.items():
-            if len(names) >= THRESHOLD:
-                raise FatalError(
-                    f"{self.stage}: the first {len(names)} documents were all refused alike, "
-                    f"so no document can succeed; check the stage's settings: {message}"
-                )
+    def refused(self, items: list[Item], error: StageError) -> None:
+        """A call for `items` was refused; raises FatalError when the refusals show
+        that every document fails alike."""
+        if self.proven or not (isinstance(error, PermanentError) and error.config_suspect):
+            return
+        ids = frozenset(id(item) for item in items)
+        groups = self._evidence.setdefault((error.reason, str(error)), [])
+        if any(held <= ids for held, _, _ in groups):
+            return  # holds a smaller refused group: no new evidence
+        groups[:] = [group for group in groups if not ids <= group[0]]
+        groups.append((ids, frozenset(item.doc for item in items), list(items)))
+        documents = frozenset().union(*(docs for _, docs, _ in groups))
+        if len(groups) >= THRESHOLD and len(documents) > 1:
+            raise FatalError(
+                f"{self.stage}: the first requests, for {len(documents)} documents, were all "
+                f"refused alike, so no document can succeed; check the stage's settings "
+                f"(the documents stay pending): {error}"
+            )
+
+    def screen(self, failures: Failures) -> Failures:
+        """What to record now: all failures once proven (with any held before), else
+        only those that cannot come from a setting; the rest are held."""
+        if self.proven:
+            return self.drain() + failures
+        if len(self._held) > HELD_MOST:
+            self.succeeded()  # that many refusals, never the same: each input's own
+            return self.drain() + failures
+        now: Failures = []
+        for item, error in failures:
+            if isinstance(error, PermanentError) and error.config_suspect:
+                self._held.append((item, error))
+                self._held_ids.add(id(item))
+            else:
+                now.append((item, error))
+        return now
+
+    def holds(self, item: Item) -> bool:
+        """Is `item`'s failure held (its document kept open)?"""
+        return id(item) in self._held_ids
+
+    def drain(self) -> Failures:
+        """Everything held, to record now (proven, or the stage ended without a verdict)."""
+        released, self._held = self._held, []
+        self._held_ids.clear()
+        return released

@@ -76,12 +76,17 @@ def known_window(model: str) -> int | None:
 
 
 def window_from_reply(payload: object, model: str) -> int | None:
-    """The window a server reports, from its `/models` list or TEI's `/info` object."""
+    """The window a server reports, from its `/models` list or TEI's `/info` object.
+
+    A server serving one model (infinity, TEI) accepts any model name for it, so its
+    only entry counts whatever it is called."""
     entries: list[Any] = []
     if isinstance(payload, dict):
         data = payload.get("data")
         entries = [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
-        entries = [e for e in entries if e.get("id") == model] or [payload]
+        # The model's own entry; a server serving one model answers for it whatever its name.
+        named = [e for e in entries if e.get("id") == model]
+        entries = named or (entries if len(entries) == 1 else [payload])
     for entry in entries:
         for key in _REPORTED:
             value = entry.get(key)

@@ -20,6 +20,7 @@ def test_windows_servers_report() -> None:
     tei_info = {"model_id": "BAAI/bge-small-en-v1.5", "max_input_length": 512}
     assert window_from_reply(tei_info, "anything") == 512
     assert window_from_reply({"data": [{"id": "m"}]}, "m") is None
+    assert window_from_reply({"data": [{"id": "served-as", "max_input_tokens": 512}]}, "m") == 512
     assert window_from_reply(["not", "a", "mapping"], "m") is None
 
 
