@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, hints
-from pipeline.runner import Runner
+from pipeline.runner import Runner, StageView
 from pipeline.state import open_state
 
 __all__ = ["run_session", "status_line"]
@@ -111,13 +111,20 @@ def status_line(runner: Runner, *, elapsed: float) -> str:
     """The progress line for logs when there is no terminal to draw on."""
     o = runner.outcome
     stages = " ".join(
-        f"{v.name}[{v.busy}/{v.workers} busy, queue {v.depth}/{v.capacity}]" for v in runner.views()
+        f"{v.name}[{v.busy}/{v.workers} busy{_limit(v)}, queue {v.depth}/{v.capacity}]"
+        for v in runner.views()
     )
     return (
         f"{elapsed:.0f}s: {o.indexed + o.skipped + o.failed}/{o.discovered} documents "
         f"({o.indexed} indexed, {o.skipped} skipped, {o.failed} failed), "
         f"{o.pages} pages, {o.chunks} chunks | {stages}"
     )
+
+
+def _limit(view: StageView) -> str:
+    if view.unavailable_s > 0:
+        return f", paused {view.unavailable_s:.0f}s: server unavailable"
+    return "" if view.limit is None else f", limit {view.limit}"
 
 
 async def _plain(runner: Runner) -> None:

@@ -176,6 +176,8 @@ class Embed(AsyncStage):
             try:
                 response = await client.get(url, timeout=_INFO_TIMEOUT_S)
                 window = window_from_reply(response.json(), self._model)
+            except httpx.TransportError:
+                break  # not answering (yet): the run's requests will find out why
             except (httpx.HTTPError, ValueError):
                 window = None  # a server that does not say is common; fall back to the table
             if window is not None:

@@ -46,7 +46,8 @@ KNOWN_WINDOWS: Mapping[str, int] = {
     "bge-base-en-v1.5": 512,
     "bge-large-en-v1.5": 512,
     "bge-m3": 8192,
-    "nomic-embed-text": 8192,
+    "nomic-embed-text": 2048,  # Ollama's GGUF; the Hugging Face model reads 8192
+    "nomic-embed-text-v1": 8192,
     "nomic-embed-text-v1.5": 8192,
     "mxbai-embed-large": 512,
     "mxbai-embed-large-v1": 512,
@@ -60,7 +61,13 @@ KNOWN_WINDOWS: Mapping[str, int] = {
     "gte-small": 512,
     "gte-base": 512,
     "gte-large": 512,
+    "jina-embeddings-v2-small-en": 8192,
     "jina-embeddings-v2-base-en": 8192,
+    "gte-qwen2-1.5b-instruct": 32768,
+    "gte-qwen2-7b-instruct": 32768,
+    "qwen3-embedding-0.6b": 32768,
+    "qwen3-embedding-4b": 32768,
+    "qwen3-embedding-8b": 32768,
 }
 _SPECIAL_TOKENS = 2  # [CLS] and [SEP], or their like
 _SUBWORDS = 1.15

@@ -25,6 +25,7 @@ from pipeline.errors import (
 from pipeline.stage import Item, QueryEmbedder
 from stages.embed import Embed, parse_retry_after
 from stages.embed_server import EmbeddingRequest, EmbeddingServer, embed_texts, embedding_reply
+from tests.capacity_server import CapacityServer
 from tests.fault_server import FaultServer
 
 KEY_ENV = "EMBEDDING_API_KEY"
@@ -192,6 +193,10 @@ async def test_5xx_and_408_are_transient(
     assert caught.value.reason == f"http_{status}"
     assert caught.value.retry_after == 2
     assert not caught.value.cool_pool
+    # A server that is not there (restarting behind a proxy) waits on the breaker; a
+    # saturated one (503) also cuts the adaptive limit.
+    assert caught.value.unavailable == (status in (502, 503))
+    assert caught.value.overloaded == (status == 503)
 
 
 async def test_a_transient_failure_does_not_spoil_the_next_call(
@@ -223,6 +228,7 @@ async def test_a_refused_connection_is_transient() -> None:
     finally:
         await stage.close()
     assert caught.value.reason == "connection"
+    assert caught.value.unavailable and not caught.value.overloaded
 
 
 @pytest.mark.parametrize("kind", ["not_json", "wrong_shape", "short"])
@@ -268,6 +274,7 @@ async def test_a_hung_request_times_out_then_release_lets_requests_through(
         with pytest.raises(TransientError) as caught:
             await stage.process(chunks("hello"))
         assert caught.value.reason == "timeout"
+        assert caught.value.overloaded and not caught.value.unavailable
         assert fault_server.requests == 1
         fault_server.release()
         [item] = await stage.process(chunks("hello"))
@@ -312,6 +319,42 @@ async def test_a_rejected_input_is_permanent_with_the_server_message(
     assert caught.value.reason == "http_400"
     assert "poison" in str(caught.value)
     assert [i.data["text"] for i in await faulty.process(items[:1])] == ["fine"]
+
+
+async def test_a_fastapi_422_that_echoes_the_input_keeps_the_reason_not_the_text(
+    faulty: Embed, fault_server: FaultServer
+) -> None:
+    text = "Confidential: the merger with Northwind closes on the first of March."
+    body = {
+        "detail": [
+            {
+                "type": "string_too_long",
+                "loc": ["body", "input", 0],
+                "msg": "String should have at most 64 characters",
+                "input": text,
+            }
+        ]
+    }
+    fault_server.reply_next(422, body=json.dumps(body))
+    with pytest.raises(PermanentError) as caught:
+        await faulty.process(chunks(text))
+    message = str(caught.value)
+    assert "String should have at most 64 characters" in message and "body.input.0" in message
+    assert "Northwind" not in message and "merger" not in message
+    assert caught.value.reason == "http_422" and caught.value.config_suspect
+
+
+async def test_the_window_the_server_reports_counts_the_chunks_the_model_cuts() -> None:
+    with CapacityServer(per_text_s=0.0, max_input_tokens=16) as server:
+        stage = make_stage(server.url)
+        await stage.open()
+        try:
+            await stage.process(chunks("short one", "a much longer text " * 10))
+        finally:
+            await stage.close()
+    [note] = stage.notes()
+    assert note.startswith("1 of 2 chunks (50%) were longer than hash-384's input window of 16")
+    assert "reported by the server" in note
 
 
 async def test_an_item_without_text_is_permanent(faulty: Embed) -> None:

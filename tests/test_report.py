@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
 import yaml
 from rich.console import Console
 
+from pipeline.limit import LimitStats
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, hints
@@ -57,6 +59,47 @@ def test_with_no_queue_full_the_first_stage_sets_the_pace() -> None:
     quiet = [StageView("extract", "process", 2, busy_seconds=190.0),
              StageView("embed", "async", 8, busy_seconds=10.0)]  # fmt: skip
     assert hints(quiet, seconds=100)[0].startswith("extract: no queue stayed full")
+
+
+def limited(*, mean: float, final: int, ceiling: int = 64) -> LimitStats:
+    return LimitStats(ceiling=ceiling, initial=4, final=final, lowest=1, highest=6, cuts=0,
+                      mean=mean, floor_s=0.5, trace=[(0.0, 4), (3.0, 2)])  # fmt: skip
+
+
+def test_a_server_that_set_the_limit_is_never_answered_with_more_workers() -> None:
+    full = views(embed_full=0.91, embed_busy=2 / 64, seconds=100)
+    full[2].limit_stats = limited(mean=2.0, final=2)
+    said = hints(full, seconds=100)
+    assert len(said) == 1 and said[0].startswith("embed: its server is the limit")
+    assert "about 2 of 64 calls" in said[0] and "pool.size" not in said[0]
+    # Its queue never filled (a corpus smaller than the queue), but the limit was in use:
+    quiet = views(embed_full=0.0, embed_busy=1.8 / 64, seconds=100)
+    for view in quiet:
+        view.full_seconds = 0.0
+    quiet[2].limit_stats = limited(mean=2.0, final=2)
+    assert hints(quiet, seconds=100)[0].startswith("embed: its server is the limit")
+
+
+def test_a_limit_at_its_ceiling_leaves_the_usual_hint() -> None:
+    full = views(embed_full=0.91, embed_busy=1.0, seconds=100)
+    full[2].limit_stats = limited(mean=63.0, final=64)
+    assert "raise stages.embed.pool.size or batch" in hints(full, seconds=100)[0]
+
+
+def test_the_live_view_and_report_show_the_limit() -> None:
+    shown = views(embed_full=0.5, embed_busy=0.1, seconds=10)
+    shown[2].limit, shown[2].limit_stats = 2, limited(mean=2.5, final=2)
+    shown[1].unavailable_s = 12.0
+    console = Console(record=True, width=140, color_system=None)
+    console.print(render_frame(RunOutcome(), shown, elapsed=10.0))
+    text = console.export_text()
+    assert "limit" in text and "paused 12s" in text
+    row = next(line for line in text.splitlines() if line.startswith("│ embed"))
+    assert re.search(r"│\s+2 │", row)
+    report = build_report(RunOutcome(seconds=10.0), shown)
+    concurrency = report["stages"][2]["concurrency"]
+    assert concurrency["ceiling"] == 64 and concurrency["trace"] == [[0.0, 4], [3.0, 2]]
+    assert report["stages"][0]["concurrency"] is None
 
 
 def test_the_watchdog_warns_once_per_stage() -> None:
