@@ -57,6 +57,11 @@ class Breaker:
     def open(self) -> bool:
         return self._opened is not None
 
+    @property
+    def probes(self) -> int:
+        """Probes that found the server still gone since the breaker last opened."""
+        return self._probes
+
     def open_seconds(self) -> float:
         return 0.0 if self._opened is None else self._clock() - self._opened
 

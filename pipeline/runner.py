@@ -278,6 +278,7 @@ class Runner:
             for st in self._stages:
                 if st.cfg.name == stage:
                     st.view.retries += 1
+            self._touch()
 
         return count
 
