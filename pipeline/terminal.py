@@ -50,7 +50,7 @@ def print_graph(config: PipelineConfig) -> None:
             st.name,
             st.uses,
             st.pool.kind,
-            str(st.pool.size),
+            f"up to {st.pool.size}, adaptive" if st.pool.adaptive else str(st.pool.size),
             str(st.queue),
             str(st.params.get("batch", 1)),
             "-" if st.timeout_s is None else f"{st.timeout_s:g}",
