@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pipeline.errors import ConfigError
+from pipeline.fusion import fuse
 from pipeline.registry import known_kinds, resolve
 from pipeline.schema import POOL, RETRY, SOURCE, STAGE, TOP, Invalid, Key, param_key
 from pipeline.stage import PoolKind, StageBase
@@ -68,6 +69,7 @@ class StageConfig:
     # pickles into worker processes; left out of the hash because dicts have none.
     params: Mapping[str, Any] = field(hash=False)
     line: int
+    fused: tuple[StageConfig, ...] = ()  # run in this stage's workers (pipeline.fusion)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +189,7 @@ class _Loader:
             file=path,
             source=src,
             state=self.resolve_path(top["state"]),
-            stages=stages,
+            stages=fuse(stages),
             shutdown_timeout_s=top["shutdown_timeout_s"],
         )
 

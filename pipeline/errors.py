@@ -77,6 +77,7 @@ class StageError(PipelineError):
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason if reason is not None else type(self).reason
+        self.stage: str | None = None  # set when raised by a stage fused into another
 
     def __reduce__(self) -> tuple[object, ...]:
         # Errors cross process boundaries (pool workers); the default pickling

@@ -17,9 +17,10 @@ adaptive concurrency filter do it:
 - **Overload signals.** A timeout, a 429 or a 503 halves the limit, once per
   round trip (the calls already in flight when it was cut say nothing new). The cut
   happens when the error arrives, before anything is resent.
-- **Growth.** While latency stays within tolerance and the limit is in use, it
-  grows: doubling each round trip until the first cut (slow start), then by
-  about its square root per round trip.
+- **Growth.** While latency stays flat (within 1.5x its floor) and the limit is
+  in use, it grows: doubling each round trip until the first cut (slow start),
+  then by about its square root per round trip. Between 1.5x and 2x it holds.
+  It starts at 2, so the first round trip cannot bury a slow server.
 
 The limit never goes below 1 or above the ceiling. Acquiring is first come,
 first served.
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 __all__ = ["AdaptiveLimit", "LimitStats", "Permit"]
 
 TOLERANCE = 2.0  # a call this many times slower than its floor waited in a queue
+FLAT = 1.5  # ... and one within this of its floor did not: the limit may grow
 SLACK_S = 0.005  # latency differences below this are noise, not queueing
 _TRACE_KEPT = 512  # changes of the limit kept for the report (older ones thinned out)
 
@@ -72,7 +74,7 @@ class AdaptiveLimit:
         self,
         ceiling: int,
         *,
-        initial: int = 4,
+        initial: int = 2,
         tolerance: float = TOLERANCE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -153,7 +155,7 @@ class AdaptiveLimit:
             if target < self._value:
                 self._slow_start = False
                 self._set(target)
-        elif max(permit.held, in_flight) * 2 >= self._value:  # in use: demand for more
+        elif ratio <= FLAT and max(permit.held, in_flight) * 2 >= self._value:  # in use
             growth = 1.0 if self._slow_start else 1.0 / math.sqrt(self._value)
             self._set(self._value + growth)
 

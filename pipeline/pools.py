@@ -23,23 +23,34 @@ import resource
 import signal
 from collections.abc import Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import pebble
 
 from pipeline import registry
-from pipeline.errors import PermanentError
+from pipeline.errors import PermanentError, StageError
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
-__all__ = ["Pool", "open_pool"]
+__all__ = ["Pool", "StageSpec", "open_pool"]
 
 logger = logging.getLogger(__name__)
+
+
+class StageSpec(NamedTuple):
+    """What a worker process needs to build a stage: it is sent, not the stage."""
+
+    uses: str
+    name: str
+    params: dict[str, Any]
 
 
 class Pool(Protocol):
     kind: PoolKind
     size: int
     batch_size: int
+
+    def take_pages(self) -> int:
+        """Pages that fused stages consumed inside the workers since the last call."""
 
     @property
     def stage(self) -> StageBase | None:
@@ -61,15 +72,17 @@ def open_pool(
     params: Mapping[str, Any],
     timeout_s: float | None,
     memory_mb: int | None,
+    fused: Sequence[StageSpec] = (),
 ) -> Pool:
-    """Build the pool of `kind` for one stage; `await pool.open()` starts it."""
+    """Build the pool of `kind` for one stage; `await pool.open()` starts it.
+
+    `fused` stages (process pools only) run in the same workers, on each call's
+    outputs in turn (see pipeline.fusion)."""
     stage = cls(params, name=name, concurrency=size)  # cheap by contract: no I/O before open()
     if kind == "process":
         return ProcessPool(
-            uses=uses,
-            name=name,
+            chain=[StageSpec(uses, name, dict(params)), *fused],
             size=size,
-            params=params,
             timeout_s=timeout_s,
             memory_mb=memory_mb,
             batch_size=stage.batch_size,
@@ -110,6 +123,9 @@ class AsyncPool:
     async def open(self) -> None:
         await self.stage.open()
 
+    def take_pages(self) -> int:
+        return 0
+
     async def run(self, items: list[Item]) -> list[Item]:
         return await _within(self._timeout_s, self.stage.process(items))
 
@@ -136,6 +152,9 @@ class ThreadPool:
     async def open(self) -> None:
         await self._call(self.stage.open)
 
+    def take_pages(self) -> int:
+        return 0
+
     async def run(self, items: list[Item]) -> list[Item]:
         # A thread cannot be killed: on timeout the item fails and the call runs on
         # in the background. Stages that can hang belong on a process pool.
@@ -157,34 +176,36 @@ class ProcessPool:
     def __init__(
         self,
         *,
-        uses: str,
-        name: str,
+        chain: Sequence[StageSpec],
         size: int,
-        params: Mapping[str, Any],
         timeout_s: float | None,
         memory_mb: int | None,
         batch_size: int,
     ) -> None:
         self.size = size
         self.batch_size = batch_size
+        self.pages = 0
         self.stage: StageBase | None = None  # each worker process holds its own copy
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
         self._pool = pebble.ProcessPool(
             max_workers=size,
             initializer=_worker_init,
-            initargs=(uses, name, dict(params), memory_mb),
+            initargs=(list(chain), memory_mb),
             context=multiprocessing.get_context("forkserver"),
         )
 
     async def open(self) -> None:
         return None  # workers start on the first task and build their stage then
 
+    def take_pages(self) -> int:
+        pages, self.pages = self.pages, 0
+        return pages
+
     async def run(self, items: list[Item]) -> list[Item]:
         future = self._pool.schedule(_worker_process, args=(items,), timeout=self._timeout_s)
         try:
-            result: list[Item] = await asyncio.wrap_future(future)
-            return result
+            result: tuple[list[Item], int] = await asyncio.wrap_future(future)
         except TimeoutError:
             raise _timed_out(self._timeout_s or 0) from None
         except pebble.ProcessExpired as died:
@@ -195,6 +216,9 @@ class ProcessPool:
             raise PermanentError(
                 f"worker ran out of memory (memory_mb: {self._memory_mb})", reason="out_of_memory"
             ) from None
+        items, pages = result
+        self.pages += pages
+        return items
 
     async def discard(self, docs: Sequence[str]) -> None:
         del docs  # process stages keep nothing between documents
@@ -213,27 +237,43 @@ def _exit_reason(code: int | None) -> str:
     return f"exit code {code}"
 
 
-# Each worker process holds its own copy of the stage; this is per-process state
-# by nature, set once by the pool's initializer.
-_worker_stage: Stage | None = None
+# Each worker process holds its own copy of its stages (the first, then any fused
+# into it); this is per-process state by nature, set once by the pool's initializer.
+_worker_chain: list[Stage] = []
 
 
-def _worker_init(uses: str, name: str, params: dict[str, Any], memory_mb: int | None) -> None:
-    """Build the stage in the worker; cap its memory so a ballooning PDF fails alone."""
-    global _worker_stage
+def _worker_init(chain: list[StageSpec], memory_mb: int | None) -> None:
+    """Build the stages in the worker; cap its memory so a ballooning PDF fails alone."""
     # Ctrl-C reaches the whole process group; the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_mb is not None:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    stage = registry.resolve(uses)(params, name=name, concurrency=1)
-    if not isinstance(stage, Stage):
-        raise TypeError(f"{uses} is not a blocking stage and cannot run on a process pool")
-    stage.open()
-    _worker_stage = stage
+    for spec in chain:
+        stage = registry.resolve(spec.uses)(spec.params, name=spec.name, concurrency=1)
+        if not isinstance(stage, Stage):
+            raise TypeError(f"{spec.uses} is not a blocking stage and cannot run on a process pool")
+        stage.open()
+        _worker_chain.append(stage)
 
 
-def _worker_process(items: list[Item]) -> list[Item]:
-    if _worker_stage is None:
+def _worker_process(items: list[Item]) -> tuple[list[Item], int]:
+    """Run the chain on `items`: the outputs of the last stage, and the pages that the
+    fused stages consumed (the engine counts pages from the `pages` field)."""
+    if not _worker_chain:
         raise RuntimeError("worker used before its initializer ran")
-    return _worker_stage.process(items)
+    first, *fused = _worker_chain
+    out = first.process(items)
+    pages = 0
+    for stage in fused:
+        pages += sum(len(i.data["pages"]) for i in out if isinstance(i.data.get("pages"), list))
+        try:
+            out = stage.process(out)
+        except StageError as exc:
+            exc.stage = stage.name  # its failure is its own, not the host's
+            raise
+        except Exception as exc:  # noqa: BLE001 - a stage bug fails its items, as in batch.py
+            error = PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
+            error.stage = stage.name
+            raise error from exc
+    return out, pages

@@ -41,6 +41,7 @@ def stage_numbers(view: StageView, *, seconds: float) -> dict[str, Any]:
     p50, p95 = _percentile(durations, 50), _percentile(durations, 95)
     return {
         "name": view.name,
+        "fused": list(view.fused),
         "pool": view.kind,
         "workers": view.workers,
         "queue_capacity": view.capacity,

@@ -2,8 +2,9 @@
 
     source walk -> [queue] -> stage 1 pool -> [queue] -> stage 2 pool -> ... -> last stage
 
-Every stage runs as N coroutines (N = its pool size) that take a batch from the
-channel feeding it, run it on the pool, and put the results on the next channel.
+Every stage runs as N coroutines (N = its pool size, twice that for a process
+pool) that take a batch from the channel feeding it, run it on the pool, and put
+the results on the next channel.
 A full channel makes `put` wait, which is how a slow stage holds back every
 stage before it and, in the end, the walk of the source folder.
 
@@ -41,7 +42,7 @@ from pipeline.ledger import Finished, Ledger
 from pipeline.limit import AdaptiveLimit, LimitStats, Permit
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
-from pipeline.pools import Pool, open_pool
+from pipeline.pools import Pool, StageSpec, open_pool
 from pipeline.retry import RetryPolicy
 from pipeline.stage import Item
 from pipeline.state import RunState
@@ -72,6 +73,7 @@ class StageView:
     full_seconds: float = 0.0  # time its input channel was full
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     running: dict[int, float] = field(default_factory=dict)  # batch -> started (monotonic)
+    fused: tuple[str, ...] = ()  # stages that run in this one's workers
     limit: int | None = None  # calls allowed in flight now (adaptive pools)
     limit_stats: LimitStats | None = None
     unavailable_s: float = 0.0  # how long its server has been unavailable, now
@@ -85,8 +87,14 @@ class _Stage:
         self.retry = retry
         self.batch_size = pool.batch_size
         self.view = StageView(cfg.name, pool.kind, pool.size, capacity=inbox.capacity)
+        self.view.fused = tuple(f.name for f in cfg.fused)
         self.limit = AdaptiveLimit(pool.size) if cfg.pool.adaptive else None
         self.systemic = SystemicCheck(cfg.name)
+        # Coroutines driving the pool: a worker process gets its next document while
+        # it works on one, so it never waits a round trip for work.
+        self.drivers = pool.size * (2 if pool.kind == "process" else 1)
+        self.in_flight = 0
+        self.since = time.monotonic()
 
     def depth(self) -> float:
         return self.inbox.depth
@@ -234,6 +242,7 @@ class Runner:
                 params=cfg.params,
                 timeout_s=cfg.timeout_s,
                 memory_mb=cfg.memory_mb,
+                fused=[StageSpec(f.uses, f.name, dict(f.params)) for f in cfg.fused],
             )
             # `queue` counts what one worker takes at once: a batch. Counted in items, a
             # queue of 2 x workers would starve a batching stage into batches of 2.
@@ -294,7 +303,7 @@ class Runner:
         so downstream sees end-of-input exactly once and never hangs."""
         try:
             async with asyncio.TaskGroup() as tg:
-                for n in range(st.pool.size):
+                for n in range(st.drivers):
                     tg.create_task(self._worker(st, outbox), name=f"{st.cfg.name}-{n}")
             # No success and no verdict either: what was held is the documents' own.
             await self._handle(st, outbox, [], [], st.systemic.drain())
@@ -395,9 +404,10 @@ class Runner:
             pages = out.data.get("pages")
             if isinstance(pages, list):  # the documented field of page-producing stages
                 self.outcome.pages += len(pages)
+        self.outcome.pages += st.pool.take_pages()  # what fused stages consumed
         # `failures` may include held ones of earlier batches, released by a success.
         for item, error in failures:
-            self.ledger.fail(item.doc, stage=st.cfg.name, error=error)
+            self.ledger.fail(item.doc, stage=error.stage or st.cfg.name, error=error)
         failed = {id(item) for item, _ in failures}
         done = sum(1 for i in live if id(i) not in failed and not st.systemic.holds(i))
         st.view.done += done
@@ -419,8 +429,7 @@ class Runner:
 
     async def _timed(self, st: _Stage, items: list[Item]) -> list[Item]:
         """One call of the stage's pool, counted as busy time for views and metrics."""
-        st.view.busy += 1
-        self._touch()
+        self._busy(st, +1)
         began = time.monotonic()
         token = next(self._tokens)
         st.view.running[token] = began
@@ -428,13 +437,23 @@ class Runner:
             return await st.pool.run(items)
         finally:
             elapsed = time.monotonic() - began
-            st.view.busy -= 1
+            self._busy(st, -1)
             del st.view.running[token]
             st.view.durations.append(elapsed)
-            st.view.busy_seconds += elapsed
             self.metrics.stage_seconds.labels(st.cfg.name).observe(elapsed)
-            self.metrics.busy_seconds.labels(st.cfg.name).inc(elapsed)
-            self._touch()
+
+    def _busy(self, st: _Stage, change: int) -> None:
+        """Count busy workers and worker-seconds. A process pool has two calls in flight
+        per worker (one running, one queued, so no worker idles between documents):
+        busy is the calls in flight, up to the workers there are."""
+        now = time.monotonic()
+        seconds = min(st.in_flight, st.pool.size) * (now - st.since)
+        st.view.busy_seconds += seconds
+        self.metrics.busy_seconds.labels(st.cfg.name).inc(seconds)
+        st.since = now
+        st.in_flight += change
+        st.view.busy = min(st.in_flight, st.pool.size)
+        self._touch()
 
     async def _release(self, doc: str) -> None:
         finished = self.ledger.release(doc)

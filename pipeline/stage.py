@@ -97,6 +97,9 @@ class StageBase:
     # `pipeline_<name>_total{stage, <label>}`: name -> (label, help). Only stages
     # running in the engine's process (thread and async pools) are exported.
     COUNTERS: ClassVar[Mapping[str, tuple[str, str]]] = {}
+    # Cheap, stateless per item: on a process pool right after another process-pool
+    # stage, it runs inside that stage's workers (see pipeline.fusion).
+    FUSIBLE: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any], *, name: str, concurrency: int = 1) -> None:
         self.params = dict(params)  # validated by the config loader, defaults filled in

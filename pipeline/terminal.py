@@ -55,6 +55,8 @@ def print_graph(config: PipelineConfig) -> None:
             str(st.params.get("batch", 1)),
             "-" if st.timeout_s is None else f"{st.timeout_s:g}",
         )
+        for fused in st.fused:
+            table.add_row(fused.name, fused.uses, f"in {st.name}'s workers", "-", "-", "-", "-")
     _out().print(table)
     _out().print(f"state: {config.state}")
 
@@ -158,7 +160,7 @@ def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float)
         filled = round(10 * v.depth / v.capacity) if v.capacity else 0
         bar = "█" * filled + "·" * (10 - filled)
         table.add_row(
-            v.name,
+            "+".join((v.name, *v.fused)),
             v.kind,
             f"{v.busy}/{v.workers}",
             _limit(v),

@@ -157,10 +157,12 @@ class Chunk(Stage):
             doc="Characters each chunk repeats from the end of the one before; below size.",
         ),
     }
-    # Threads first: chunking is quick string work, and sending pages to a
-    # worker process would cost more than cutting them.
-    POOLS: ClassVar[tuple[PoolKind, ...]] = ("thread", "process")
+    # Fused into the extraction workers by default (pipeline.fusion): the pages are
+    # already there, and only chunks need to cross to the engine's process. On a
+    # thread (`pool: {kind: thread}`) it runs in the engine's process instead.
+    POOLS: ClassVar[tuple[PoolKind, ...]] = ("process", "thread")
     DEFAULT_SIZE: ClassVar[int | Literal["auto"]] = 1
+    FUSIBLE: ClassVar[bool] = True
 
     def __init__(self, params: Mapping[str, Any], *, name: str, concurrency: int = 1) -> None:
         super().__init__(params, name=name, concurrency=concurrency)

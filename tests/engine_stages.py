@@ -51,6 +51,19 @@ class Lines(Stage):
         return out
 
 
+class Tag(Stage):
+    """Appends " [tagged]" to each item's text; fusible, so on a process pool after
+    Lines it runs in Lines's workers. A line "REFUSE" is refused (PermanentError)."""
+
+    POOLS = ("process", "thread")
+    FUSIBLE = True
+
+    def process(self, items: list[Item]) -> list[Item]:
+        if any(item.data["text"] == "REFUSE" for item in items):
+            raise PermanentError("tag refused", reason="toy_tag_refused")
+        return [Item(i.doc, {**i.data, "text": i.data["text"] + " [tagged]"}) for i in items]
+
+
 class Gate(AsyncStage):
     """Passes items through once its gate (GATES[params['gate']]) is open."""
 

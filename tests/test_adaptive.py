@@ -134,11 +134,12 @@ async def test_a_server_down_for_a_while_mid_run_costs_no_document(
         async def outage(runner: Runner) -> None:
             await asyncio.to_thread(server.wait_for_requests, 3, timeout=30)
             server.stop_listening()
-            breaker = runner._stages[2].retry.breaker
+            breaker = next(st for st in runner._stages if st.cfg.name == "embed").retry.breaker
             # Down past what the documents' own retries would have lasted (6 attempts,
             # at most 1.25 s of backoff): five probes, 1.7 s at least, find it gone.
             await asyncio.wait_for(runner.wait_until(lambda _: breaker.probes >= 5), timeout=30)
-            assert runner.views()[2].unavailable_s >= 1.25
+            [embed] = [view for view in runner.views() if view.name == "embed"]
+            assert embed.unavailable_s >= 1.25
             server.start_listening()
 
         _runner, outcome = await run(config, during=outage)

@@ -234,5 +234,5 @@ def test_params_declare_size_and_overlap() -> None:
 
     assert (size.type, size.default, size.minimum) == ("int", 1200, 1)
     assert (overlap.type, overlap.default, overlap.minimum) == ("int", 200, 0)
-    assert Chunk.POOLS == ("thread", "process")
+    assert Chunk.POOLS == ("process", "thread") and Chunk.FUSIBLE
     assert Chunk.DEFAULT_SIZE == 1

@@ -535,16 +535,12 @@ def test_the_documented_pipeline_yaml_loads_with_the_real_stages(tmp_path: Path)
     (tmp_path / "examples/pdfs").mkdir(parents=True)
     path = write(tmp_path, REAL)
     config = load_config(path, env={"EMBEDDING_API_KEY": "k"})
-    extract, chunk, embed, store = config.stages
-    assert [s.uses for s in config.stages] == [
-        "pdf.extract",
-        "text.chunk",
-        "openai.embed",
-        "qdrant.upsert",
-    ]
+    extract, embed, store = config.stages
+    [chunk] = extract.fused  # chunking runs in the extraction workers
+    assert [s.uses for s in config.stages] == ["pdf.extract", "openai.embed", "qdrant.upsert"]
     assert extract.pool == PoolConfig("process", cpu_count())
     assert (extract.queue, extract.timeout_s, extract.memory_mb) == (4, 120.0, 2048)
-    assert chunk.pool.kind == "thread" and chunk.queue == 2 * chunk.pool.size
+    assert chunk.uses == "text.chunk" and chunk.pool.kind == "process"
     assert chunk.params["size"] == 1200 and chunk.params["overlap"] == 200
     assert embed.pool == PoolConfig("async", 64, adaptive=True) and embed.queue == 128
     assert embed.params["api_key_env"] == "EMBEDDING_API_KEY"
@@ -557,3 +553,13 @@ def test_real_chunk_check_overlap_below_size(tmp_path: Path) -> None:
     text = REAL.replace("overlap: 200", "overlap: 1200")
     err = load_error(tmp_path, text, env={"EMBEDDING_API_KEY": "k"})
     assert_says(err, tmp_path / "pipeline.yaml", 14, "stages[1].with.overlap", "below size")
+
+
+def test_a_fusible_stage_on_a_thread_pool_stays_its_own_stage(tmp_path: Path) -> None:
+    (tmp_path / "examples/pdfs").mkdir(parents=True)
+    path = write(
+        tmp_path, REAL.replace("uses: text.chunk", "uses: text.chunk\n    pool: {kind: thread}")
+    )
+    config = load_config(path, env={"EMBEDDING_API_KEY": "k"})
+    assert [s.uses for s in config.stages][:2] == ["pdf.extract", "text.chunk"]
+    assert config.stages[0].fused == ()

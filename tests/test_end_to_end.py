@@ -298,7 +298,7 @@ def test_a_running_pipeline_shows_its_metrics_status_line_and_report(
         'pipeline_queue_capacity{stage="extract"} 4.0',
         'pipeline_workers{stage="embed"} 8.0',
         'pipeline_workers_busy{stage="embed"}',
-        'pipeline_concurrency_limit{stage="embed"} 4.0',  # the adaptive limit's start
+        'pipeline_concurrency_limit{stage="embed"} 2.0',  # the adaptive limit's start
         'pipeline_concurrency_limit{stage="extract"} 2.0',  # a fixed pool: its size
         "pipeline_source_documents_total 3.0",
         'pipeline_items_total{outcome="ok",stage="extract"}',
@@ -310,14 +310,15 @@ def test_a_running_pipeline_shows_its_metrics_status_line_and_report(
         "# TYPE pipeline_retries_total counter",
     ):
         assert sample in scrape, sample
-    assert "embed[" in status and "busy, limit 4, queue" in status
+    assert "embed[" in status and "busy, limit 2, queue" in status
     body = json.loads(report.read_text())
     assert body["indexed"] + body["failed"] + body["skipped"] == body["discovered"] == 3
     assert body["failed"] == 1 and body["chunks"] > 0 and body["pages"] > 0
-    assert [s["name"] for s in body["stages"]] == ["extract", "chunk", "embed", "store"]
+    assert [s["name"] for s in body["stages"]] == ["extract", "embed", "store"]
+    assert body["stages"][0]["fused"] == ["chunk"]  # chunking runs in the extraction workers
     assert {"p50_batch_seconds", "queue_full_share", "utilisation"} <= set(body["stages"][0])
     assert body["hints"] and body["slowest_documents"]
-    assert body["stages"][2]["concurrency"]["ceiling"] == 8
+    assert body["stages"][1]["concurrency"]["ceiling"] == 8
 
 
 def test_a_second_sigint_stops_at_once(tmp_path: Path) -> None:

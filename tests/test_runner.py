@@ -378,3 +378,25 @@ async def test_a_touched_but_unchanged_file_is_not_hashed_again(tmp_path: Path) 
     finally:
         state.close()
     assert record is not None and record.mtime_ns == 1_000_000_000
+
+
+async def test_a_fused_stage_runs_in_the_workers_of_the_one_before_and_fails_under_its_own_name(
+    tmp_path: Path,
+) -> None:
+    write_corpus(tmp_path / "docs", {"a.txt": "one\ntwo", "b.txt": "REFUSE\nthree", "c.txt": "x"})
+    config = write_config(
+        tmp_path,
+        """
+  - {name: lines, uses: "tests.engine_stages:Lines", pool: {kind: process, size: 2}}
+  - {name: tag, uses: "tests.engine_stages:Tag"}
+  - {name: sink, uses: "tests.engine_stages:Sink", with: {name: fused}}
+""",
+    )
+    cfg = load_config(config)
+    assert [s.name for s in cfg.stages] == ["lines", "sink"]
+    assert [f.name for f in cfg.stages[0].fused] == ["tag"]
+    runner, outcome = await run_once(config)
+    assert SINKS["fused"] == {"a.txt": ["one [tagged]", "two [tagged]"], "c.txt": ["x [tagged]"]}
+    assert dict(outcome.failure_reasons) == {"tag: toy_tag_refused": 1}
+    assert statuses(config) == {"a.txt": "indexed", "b.txt": "failed", "c.txt": "indexed"}
+    assert runner.views()[0].fused == ("tag",)
