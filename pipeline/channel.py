@@ -50,6 +50,7 @@ class Channel(Generic[T]):
         self._items: deque[T] = deque()
         self._closed = False
         self._lock = asyncio.Lock()
+        self._filling = asyncio.Lock()  # one lingering reader at a time
         self._not_full = asyncio.Condition(self._lock)
         self._not_empty = asyncio.Condition(self._lock)
         self._waiting_senders = 0
@@ -106,31 +107,58 @@ class Channel(Generic[T]):
             self._not_empty.notify()
             self._on_change()
 
-    async def get_batch(self, most: int) -> list[T]:
-        """Wait for at least one item, then take up to `most` of those ready now.
+    async def get_batch(self, most: int, *, linger: float = 0.0) -> list[T]:
+        """Wait for at least one item, then take up to `most`, lingering up to `linger`
+        seconds for more while the batch is short.
 
-        Never waits for a batch to fill: a half-empty batch sent now beats a full
-        one sent later, and under load the channel is full anyway. Returns [] once
-        the channel is closed and drained.
+        Without linger a half-empty batch goes at once. With it, a batching stage
+        fed in bursts (one document's chunks at a time) sends full requests instead
+        of one per document, and a lone document waits at most `linger`. One reader
+        fills at a time, so readers do not split the flow into small batches among
+        them. Returns [] once the channel is closed and drained.
         """
-        async with self._lock:
-            while not self._items and not self._closed:
-                self._waiting_receivers += 1
-                self._on_change()
-                try:
-                    await self._not_empty.wait()
-                finally:
-                    self._waiting_receivers -= 1
-            taken = [self._items.popleft() for _ in range(min(most, len(self._items)))]
-            if taken:
-                if self._full_since is not None:
-                    self._full_seconds += time.monotonic() - self._full_since
-                    self._full_since = None
-                self._not_full.notify(len(taken))
-                if self._items:
-                    self._not_empty.notify()
+        if linger <= 0:
+            async with self._lock:
+                return await self._take(most, deadline=None)
+        async with self._filling, self._lock:
+            return await self._take(most, deadline=asyncio.get_running_loop().time() + linger)
+
+    async def _take(self, most: int, *, deadline: float | None) -> list[T]:
+        """Take under the lock: at least one item, then more until `deadline`."""
+        while not self._items and not self._closed:
+            self._waiting_receivers += 1
             self._on_change()
-            return taken
+            try:
+                await self._not_empty.wait()
+            finally:
+                self._waiting_receivers -= 1
+        taken: list[T] = []
+        self._pop(taken, most)
+        loop = asyncio.get_running_loop()
+        while deadline is not None and taken and len(taken) < most and not self._closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._not_empty.wait()
+            except TimeoutError:
+                break
+            self._pop(taken, most)
+        if self._items:
+            self._not_empty.notify()
+        self._on_change()
+        return taken
+
+    def _pop(self, taken: list[T], most: int) -> None:
+        count = min(most - len(taken), len(self._items))
+        if count <= 0:
+            return
+        taken.extend(self._items.popleft() for _ in range(count))
+        if self._full_since is not None:
+            self._full_seconds += time.monotonic() - self._full_since
+            self._full_since = None
+        self._not_full.notify(count)
 
     def close(self) -> None:
         """Stop intake: waiting and future senders get ChannelClosed, readers drain.

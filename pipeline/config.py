@@ -62,6 +62,7 @@ class StageConfig:
     cls: type[StageBase]
     pool: PoolConfig
     queue: int  # capacity of the channel feeding this stage
+    linger_ms: float | None  # None: the engine's default for the stage's batch size
     timeout_s: float | None
     memory_mb: int | None
     retry: RetryConfig
@@ -228,6 +229,7 @@ class _Loader:
             cls=cls,
             pool=pool,
             queue=values["queue"] if values["queue"] is not None else 2 * pool.size,
+            linger_ms=values["linger_ms"],
             timeout_s=values["timeout_s"],
             memory_mb=values["memory_mb"],
             retry=self.retry(values["retry"], (*at, "retry")),

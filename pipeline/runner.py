@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 _PRUNE_BATCH = 256
+DEFAULT_LINGER_MS = 50.0  # a batching stage waits this long at most for a fuller batch
 
 
 @dataclass(slots=True)
@@ -86,6 +87,8 @@ class _Stage:
         self.inbox = inbox
         self.retry = retry
         self.batch_size = pool.batch_size
+        linger_ms = cfg.linger_ms if cfg.linger_ms is not None else DEFAULT_LINGER_MS
+        self.linger = linger_ms / 1000 if pool.batch_size > 1 else 0.0
         self.view = StageView(cfg.name, pool.kind, pool.size, capacity=inbox.capacity)
         self.view.fused = tuple(f.name for f in cfg.fused)
         self.limit = AdaptiveLimit(pool.size) if cfg.pool.adaptive else None
@@ -315,7 +318,7 @@ class Runner:
         while True:
             permit = await st.limit.acquire() if st.limit is not None else None
             try:
-                batch = await st.inbox.get_batch(st.batch_size)
+                batch = await st.inbox.get_batch(st.batch_size, linger=st.linger)
             except BaseException:
                 self._give_back(st, permit)
                 raise

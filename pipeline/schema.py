@@ -233,6 +233,12 @@ STAGE: Mapping[str, Key] = {
         "Capacity of the channel feeding this stage, in batches of its batch size"
         " (default 2 x size).",
     ),
+    "linger_ms": Key(
+        number(0),
+        "How long a worker of a batching stage waits for its batch to fill before sending"
+        " it short (default 50 for stages with a batch, else 0).",
+        nullable=True,
+    ),
     "timeout_s": Key(number(0, exclusive=True), "Per-item time bound.", nullable=True),
     "memory_mb": Key(integer(1), "Per-worker memory cap (process pools only).", nullable=True),
     "retry": Key(section(RETRY), "Retries of transient failures."),

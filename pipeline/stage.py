@@ -12,7 +12,7 @@ shipped stages use:
     source  -> {"path", "file" (absolute), "sha256"}
     extract -> {"path", "sha256", "pages": [(page_number, text), ...]}
     chunk   -> {"path", "sha256", "page", "chunk", "text"}   one item per chunk
-    embed   -> the chunk's fields plus "vector": list[float]
+    embed   -> the chunk's fields plus "vector": a float32 numpy row
     store   -> the items it stored, once the store acknowledged them
 
 Lifecycle: `open()` once per copy before any item (in the worker process for

@@ -79,7 +79,12 @@ class Upsert(Stage):
             "or local mode in path (small corpora only).",
         ),
         "batch": Param("int", default=256, minimum=1, doc="Points per upsert."),
-        "flush_every": Param("int", default=16, minimum=1, doc="Edge: flush every N upserts."),
+        "flush_s": Param(
+            "float",
+            default=10.0,
+            minimum=0,
+            doc="Edge: flush segments at most this often (the WAL keeps points durable).",
+        ),
         "distance": Param(
             "str",
             default="cosine",
@@ -193,7 +198,7 @@ class Upsert(Stage):
 
             assert path is not None, "check() requires path for engine edge"
             folder = path / p["collection"]
-            return EdgeEngine(folder, distance=p["distance"], flush_every=p["flush_every"])
+            return EdgeEngine(folder, distance=p["distance"], flush_s=p["flush_s"])
         env = p["api_key_env"]
         if env is not None and env not in os.environ:
             raise FatalError(f"{self.name}: environment variable {env} is not set")

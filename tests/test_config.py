@@ -240,8 +240,8 @@ def test_unknown_key_says_what_is_allowed_and_the_closest_match(
 def test_unknown_stage_key_lists_every_stage_key(tmp_path: Path) -> None:
     err = load_error(tmp_path, GOOD.replace("    queue: 3", "    qeue: 3"))
     assert str(err).endswith(
-        "stages[1].qeue: expected one of name, uses, pool, queue, timeout_s, memory_mb, "
-        'retry, with (did you mean "queue"?)'
+        "stages[1].qeue: expected one of name, uses, pool, queue, linger_ms, timeout_s, "
+        'memory_mb, retry, with (did you mean "queue"?)'
     )
 
 

@@ -78,7 +78,9 @@ async def test_vectors_are_attached_in_order_for_a_multi_document_batch(
     assert [(i.doc, i.data["text"]) for i in out] == [(i.doc, i.data["text"]) for i in items]
     expected = embed_texts([i.data["text"] for i in items])
     assert np.array_equal(np.asarray([i.data["vector"] for i in out], dtype=np.float32), expected)
-    assert all(isinstance(x, float) for x in out[0].data["vector"])
+    # float32 rows from the reply to the store, never lists of Python floats
+    vector = out[0].data["vector"]
+    assert isinstance(vector, np.ndarray) and vector.dtype == np.float32 and vector.shape == (384,)
     assert out[0].data["chunk"] == 0 and out[2].data["path"] == "b.pdf"
 
 

@@ -120,7 +120,7 @@ def collection(folder: Path) -> dict[str, tuple[list[float], dict[str, Any]]]:
             "collection": "docs",
             "engine": "edge",
             "batch": 64,
-            "flush_every": 16,
+            "flush_s": 10.0,
             "distance": "cosine",
             "api_key_env": None,
         },

@@ -192,7 +192,7 @@ def test_edge_indexes_payload_path(tmp_path: Path) -> None:
 
 
 def test_edge_optimize_keeps_every_point(tmp_path: Path) -> None:
-    store = make(tmp_path, "edge", flush_every=1)
+    store = make(tmp_path, "edge", flush_s=0)
     store.open()
     for n in range(5):
         store.process(chunks(f"doc{n}.pdf", 10))
@@ -428,7 +428,7 @@ def test_edge_keeps_acknowledged_points_when_the_process_dies(tmp_path: Path) ->
         import os
         from tests.test_qdrant import chunks
         from stages.qdrant import Upsert
-        store = Upsert({{"path": {str(tmp_path / "store")!r}, "flush_every": 1000}}, name="s")
+        store = Upsert({{"path": {str(tmp_path / "store")!r}, "flush_s": 1000}}, name="s")
         store.open()
         store.process(chunks("a.pdf", 30))
         os._exit(0)  # no close(), no flush: only the WAL has the points
