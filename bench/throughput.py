@@ -224,6 +224,7 @@ class Measured:
     cpu_by_process: dict[str, float]
     processes: int
     machine_busy_s: float  # every CPU second the machine spent during the run
+    main_cpu_s: float  # the run's own process alone, read from /proc after it exited
 
 
 def run_measured(
@@ -236,6 +237,10 @@ def run_measured(
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         with TreeSampler(proc.pid) as sampler:
             try:
+                # Wait for the exit without reaping: a zombie's /proc/PID/stat still
+                # holds its final CPU time, the main process's own, children apart.
+                os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+                main_cpu = process_cpu_seconds(proc.pid)
                 _, status, usage = os.wait4(proc.pid, 0)
             except BaseException:
                 proc.kill()
@@ -254,6 +259,7 @@ def run_measured(
         cpu_by_process=sampler.cpu_by_process(),
         processes=sampler.max_processes,
         machine_busy_s=busy,
+        main_cpu_s=main_cpu,
     )
 
 
@@ -505,9 +511,13 @@ def _pipeline_result(
     seconds = float(report["seconds"])
     pages = report["indexed"] * opts.pages
     embed = next((s for s in report["stages"] if s["name"] == "embed"), None)
+    batch = opts.batch or _yaml_batch()
     bound = None
     if opts.latency_ms > 0 and embed is not None:
-        bound = embed["workers"] * (opts.batch or _yaml_batch()) / (opts.latency_ms / 1000)
+        bound = embed["workers"] * batch / (opts.latency_ms / 1000)
+    counters = embed.get("counters", {}) if embed is not None else {}
+    requests = sum(n for key, n in counters.items() if key.startswith("embedding_requests:"))
+    chunks = max(1, int(report["chunks"]))
     return {
         "kind": "pipeline",
         "options": asdict(opts),
@@ -522,6 +532,10 @@ def _pipeline_result(
         "chunks_per_s": report["chunks"] / seconds,
         "chunks_per_s_bound": bound,
         "cpu_s": measured.cpu_s,
+        "main_cpu_s": measured.main_cpu_s,
+        "main_ms_per_1000_chunks": 1e6 * measured.main_cpu_s / chunks,
+        "embed_requests": requests,
+        "embed_requests_least": -(-chunks // batch),
         "server_cpu_s": server_cpu,
         "peak_rss_mb": measured.peak_rss_mb,
         "peak_anon_mb": measured.peak_anon_mb,
@@ -611,6 +625,13 @@ def _print_pipeline(r: dict[str, Any]) -> None:
     print(
         "  CPU s by process: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_by_process"].items())
     )
+    main_ms = r["main_ms_per_1000_chunks"]
+    print(
+        f"  main process: {r['main_cpu_s']:.2f} CPU s = {main_ms:.0f} ms per 1,000 chunks "
+        f"(a ceiling of {1e6 / main_ms if main_ms else float('inf'):,.0f} chunks/s on any number "
+        f"of cores); embedding requests {r['embed_requests']} for at least "
+        f"{r['embed_requests_least']} ({r['embed_requests'] / r['embed_requests_least']:.2f}x)"
+    )
     for s in r["stages"]:
         full = s.get("queue_full_share")
         print(
@@ -637,7 +658,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-workers", type=int, help="embed pool size (pipeline.yaml: 64)")
     p.add_argument("--batch", type=int, help="texts per embedding request (pipeline.yaml: 64)")
     p.add_argument("--embed-queue", type=int, help="embed's queue: batches (default 2 x pool)")
-    p.add_argument("--extract-workers", type=int, help="extract pool size (default: CPU count)")
+    p.add_argument(
+        "--workers",
+        "--extract-workers",
+        dest="extract_workers",
+        type=int,
+        help="extract pool size, and the bare baseline's processes (default: CPU count)",
+    )
     p.add_argument("--engine", choices=("edge", "qdrant-client"), default="edge")
     p.add_argument("--chunk-size", type=int, help="text.chunk size in characters")
     p.add_argument("--chunk-overlap", type=int, help="text.chunk overlap in characters")

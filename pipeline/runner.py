@@ -75,6 +75,7 @@ class StageView:
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     running: dict[int, float] = field(default_factory=dict)  # batch -> started (monotonic)
     fused: tuple[str, ...] = ()  # stages that run in this one's workers
+    counters: dict[str, int] = field(default_factory=dict)  # the stage's own, "name:label"
     limit: int | None = None  # calls allowed in flight now (adaptive pools)
     limit_stats: LimitStats | None = None
     unavailable_s: float = 0.0  # how long its server has been unavailable, now
@@ -140,6 +141,9 @@ class Runner:
             st.view.depth = st.inbox.depth
             st.view.full_seconds = st.inbox.full_seconds()
             st.view.unavailable_s = st.retry.breaker.open_seconds()
+            if st.pool.stage is not None:
+                counts = st.pool.stage.counts
+                st.view.counters = {f"{name}:{label}": n for (name, label), n in counts.items()}
             if st.limit is not None:
                 st.view.limit = st.limit.limit
                 st.view.limit_stats = st.limit.stats()
