@@ -49,6 +49,7 @@ class RunOutcome:
     walk_complete: bool = False
     walk_errors: int = 0  # folders that could not be read: no pruning after such a walk
     notes: list[str] = field(default_factory=list)  # said once at the end, by stages
+    cpu_busy: float | None = None  # share of the machine's CPUs busy during the run
     seconds: float = 0.0
 
     def record_failure(self, path: str, *, stage: str, reason: str, message: str) -> None:
@@ -108,5 +109,6 @@ class RunOutcome:
             "stopped_by": self.stopped_by,
             "fatal": self.fatal,
             "notes": self.notes,
+            "cpu_busy": None if self.cpu_busy is None else round(self.cpu_busy, 3),
             "seconds": round(self.seconds, 3),
         }

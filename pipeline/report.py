@@ -17,9 +17,10 @@ from pipeline.limit import LimitStats
 from pipeline.outcome import RunOutcome
 from pipeline.runner import StageView
 
-__all__ = ["Watchdog", "build_report", "hints"]
+__all__ = ["Watchdog", "build_report", "hints", "report_hints"]
 
 FULL_SHARE_LIMITING = 0.5  # input full for half the run or more: this stage held others back
+CPU_SATURATED = 0.9  # the machine's CPUs this busy over the run: cores, not workers, are short
 QUEUE_FULL_WARN_S = 30.0
 ITEM_SLOW_WARN_S = 60.0
 
@@ -83,13 +84,23 @@ def _server_bound(view: StageView) -> LimitStats | None:
     return stats if stats is not None and stats.mean < stats.ceiling * 0.9 else None
 
 
-def hints(views: Sequence[StageView], *, seconds: float) -> list[str]:
+def hints(
+    views: Sequence[StageView],
+    *,
+    seconds: float,
+    cpu_busy: float | None = None,
+    processed: int | None = None,
+) -> list[str]:
     """One line naming the stage that limited the run and what to change.
 
-    A stage whose server set its adaptive limit below the ceiling is never told to
-    add workers: latency rose with load there, so more calls would only queue."""
-    if not views or seconds <= 0:
+    A run that processed nothing (all unchanged) has nothing to tune. When the
+    machine's CPUs were saturated, a CPU-bound stage is not short of workers: the
+    machine is short of cores. A stage whose server set its adaptive limit below
+    the ceiling is never told to add workers: latency rose with load there, so
+    more calls would only queue."""
+    if not views or seconds <= 0 or processed == 0:
         return []
+    saturated = cpu_busy is not None and cpu_busy >= CPU_SATURATED
     limiting = None
     for view in views:
         if _share(view.full_seconds, seconds) >= FULL_SHARE_LIMITING:
@@ -101,6 +112,8 @@ def hints(views: Sequence[StageView], *, seconds: float) -> list[str]:
                 return [_server_hint(view, stats, seconds)]
         first = views[0]
         busy = _share(first.busy_seconds, seconds * first.workers)
+        if saturated and cpu_busy is not None:
+            return [_cpu_hint(first, cpu_busy)]
         return [
             f"{first.name}: no queue stayed full; the source and {first.name} set the pace "
             f"(workers busy {busy:.0%}): raise stages.{first.name}.pool.size if CPUs are idle"
@@ -108,6 +121,8 @@ def hints(views: Sequence[StageView], *, seconds: float) -> list[str]:
     stats = _server_bound(limiting)
     if stats is not None:
         return [_server_hint(limiting, stats, seconds)]
+    if saturated and cpu_busy is not None and limiting.kind in ("process", "thread"):
+        return [_cpu_hint(limiting, cpu_busy)]
     full = _share(limiting.full_seconds, seconds)
     busy = _share(limiting.busy_seconds, seconds * limiting.workers)
     change = {
@@ -116,6 +131,14 @@ def hints(views: Sequence[StageView], *, seconds: float) -> list[str]:
         "thread": f"raise stages.{limiting.name}.pool.size or batch",
     }[limiting.kind]
     return [f"{limiting.name}: queue full {full:.0%} of the run, workers busy {busy:.0%}: {change}"]
+
+
+def _cpu_hint(view: StageView, cpu_busy: float) -> str:
+    return (
+        f"{view.name}: the machine's CPUs were the limit ({cpu_busy:.0%} busy, the embedding "
+        "server and anything else beside the run included): more workers would share the "
+        "same cores; more cores would help"
+    )
 
 
 def _limit_busy(view: StageView, seconds: float) -> float:
@@ -147,8 +170,14 @@ def build_report(outcome: RunOutcome, views: Sequence[StageView]) -> dict[str, A
         "pages_per_s": round(outcome.pages / per_s, 3),
         "chunks_per_s": round(outcome.chunks / per_s, 3),
         "stages": [stage_numbers(v, seconds=seconds) for v in views],
-        "hints": hints(views, seconds=seconds),
+        "hints": report_hints(outcome, views),
     }
+
+
+def report_hints(outcome: RunOutcome, views: Sequence[StageView]) -> list[str]:
+    """The hints for a finished run."""
+    processed = outcome.indexed + outcome.failed
+    return hints(views, seconds=outcome.seconds, cpu_busy=outcome.cpu_busy, processed=processed)
 
 
 class Watchdog:

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 from pipeline.batch import run_batch
 from pipeline.channel import Channel
-from pipeline.config import PipelineConfig, StageConfig
+from pipeline.config import PipelineConfig, StageConfig, cpu_count
+from pipeline.cpu import busy_seconds
 from pipeline.errors import FatalError, StageError, TransientError
 from pipeline.intake import Intake
 from pipeline.ledger import Finished, Ledger
@@ -191,6 +192,7 @@ class Runner:
 
     async def run(self) -> RunOutcome:
         started = time.monotonic()
+        cpu_before = busy_seconds()
         run_id = self.state.begin_run()
         logger.info("run %d started over %s", run_id, self.config.source.path)
         try:
@@ -226,6 +228,10 @@ class Runner:
             self.outcome.interrupted += len(self.ledger)
             await self._close_stages()
             self.outcome.seconds = time.monotonic() - started
+            cpu_after = busy_seconds()
+            if cpu_before is not None and cpu_after is not None and self.outcome.seconds > 0:
+                share = (cpu_after - cpu_before) / (self.outcome.seconds * cpu_count())
+                self.outcome.cpu_busy = min(1.0, share)
             self.state.end_run(
                 run_id,
                 outcome=self.outcome.outcome,

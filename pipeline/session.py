@@ -20,7 +20,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
-from pipeline.report import Watchdog, build_report, hints
+from pipeline.report import Watchdog, build_report, report_hints
 from pipeline.runner import Runner, StageView
 from pipeline.state import open_state
 
@@ -70,7 +70,7 @@ def run_session(
     from pipeline.terminal import print_summary
 
     views = runner.views()
-    print_summary(outcome, hints(views, seconds=outcome.seconds))
+    print_summary(outcome, report_hints(outcome, views))
     if report is not None:
         try:
             report.write_text(json.dumps(build_report(outcome, views), indent=2) + "\n")

@@ -327,8 +327,8 @@ class Embed(AsyncStage):
             indexes = [int(entry.get("index", i)) for i, entry in enumerate(data)]
             if sorted(indexes) != list(range(expected)):
                 raise ValueError(f"embedding indexes {indexes[:8]}... are not 0..{expected - 1}")
-            rows = [_decode(data[i]["embedding"]) for i in np.argsort(indexes, kind="stable")]
-            matrix = np.vstack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+            ordered = [data[i]["embedding"] for i in np.argsort(indexes, kind="stable")]
+            matrix = _decode_all(ordered)
             if matrix.shape[1] == 0 or not np.isfinite(matrix).all():
                 raise ValueError("empty or non-finite embeddings")
         except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
@@ -343,6 +343,27 @@ class Embed(AsyncStage):
                 "support the dimensions parameter?"
             )
         return matrix
+
+
+def _decode_all(embeddings: list[object]) -> npt.NDArray[np.float32]:
+    """All embeddings as one (n, dims) matrix.
+
+    The usual reply, base64 rows of one length with no padding (384 or 1,536 float32
+    are whole groups of three bytes), is decoded in one call; anything else row by
+    row."""
+    if not embeddings:
+        return np.zeros((0, 0), dtype=np.float32)
+    first = embeddings[0]
+    if (
+        isinstance(first, str)
+        and len(first) % 4 == 0
+        and not first.endswith("=")
+        and all(isinstance(e, str) and len(e) == len(first) for e in embeddings)
+    ):
+        raw = base64.b64decode("".join(embeddings), validate=True)  # type: ignore[arg-type]
+        width = len(first) // 4 * 3 // 4
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(len(embeddings), width)
+    return np.vstack([_decode(e) for e in embeddings])
 
 
 def _decode(embedding: object) -> np.ndarray[Any, np.dtype[np.float32]]:

@@ -102,6 +102,20 @@ def test_the_live_view_and_report_show_the_limit() -> None:
     assert report["stages"][0]["concurrency"] is None
 
 
+def test_saturated_cpus_are_named_instead_of_more_workers() -> None:
+    full = views(embed_full=0.0, embed_busy=0.01, seconds=100)
+    said = hints(full, seconds=100, cpu_busy=0.97, processed=10)
+    assert said[0].startswith("chunk: the machine's CPUs were the limit (97% busy")
+    assert "pool.size" not in said[0]
+    quiet = [StageView("extract", "process", 2, busy_seconds=190.0)]
+    assert "CPUs were the limit" in hints(quiet, seconds=100, cpu_busy=0.95, processed=10)[0]
+    assert "raise stages.extract.pool.size" in hints(quiet, seconds=100, cpu_busy=0.5)[0]
+
+
+def test_a_run_that_processed_nothing_gives_no_hint() -> None:
+    assert hints(views(embed_full=0.9, embed_busy=1.0, seconds=10), seconds=10, processed=0) == []
+
+
 def test_the_watchdog_warns_once_per_stage() -> None:
     watchdog = Watchdog(queue_full_s=30, item_slow_s=60)
     stalled = StageView("embed", "async", 2, running={1: 0.0})
