@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.limit import LimitStats
 from pipeline.outcome import RunOutcome
-from pipeline.runner import StageView
+from pipeline.stage_state import StageView
 
 __all__ = ["Watchdog", "build_report", "hints", "report_hints"]
 

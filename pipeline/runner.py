@@ -29,86 +29,31 @@ import functools
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 
 from pipeline.batch import run_batch
 from pipeline.channel import Channel
-from pipeline.config import PipelineConfig, StageConfig, cpu_count
+from pipeline.config import PipelineConfig, cpu_count
 from pipeline.cpu import busy_seconds
 from pipeline.errors import FatalError, StageError, TransientError
 from pipeline.intake import Intake
 from pipeline.ledger import Finished, Ledger
-from pipeline.limit import AdaptiveLimit, LimitStats, Permit
+from pipeline.limit import Permit
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
-from pipeline.pools import Pool, StageSpec, open_pool
+from pipeline.pools import StageSpec, open_pool
 from pipeline.retry import RetryPolicy
 from pipeline.stage import Item
+from pipeline.stage_state import StageState, StageView
 from pipeline.state import RunState
-from pipeline.systemic import Failures, SystemicCheck
+from pipeline.systemic import Failures
 
-__all__ = ["Runner", "StageView"]
+__all__ = ["Runner"]
 
 logger = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 _PRUNE_BATCH = 256
-DEFAULT_LINGER_MS = 50.0  # a batching stage waits this long at most for a fuller batch
-
-
-@dataclass(slots=True)
-class StageView:
-    """What the live view and the metrics show of one stage."""
-
-    name: str
-    kind: str
-    workers: int
-    busy: int = 0
-    depth: int = 0
-    capacity: int = 0
-    done: int = 0
-    failed: int = 0
-    retries: int = 0
-    busy_seconds: float = 0.0
-    full_seconds: float = 0.0  # time its input channel was full
-    durations: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
-    running: dict[int, float] = field(default_factory=dict)  # batch -> started (monotonic)
-    fused: tuple[str, ...] = ()  # stages that run in this one's workers
-    counters: dict[str, int] = field(default_factory=dict)  # the stage's own, "name:label"
-    limit: int | None = None  # calls allowed in flight now (adaptive pools)
-    limit_stats: LimitStats | None = None
-    unavailable_s: float = 0.0  # how long its server has been unavailable, now
-
-
-class _Stage:
-    def __init__(self, cfg: StageConfig, pool: Pool, inbox: Channel[Item], retry: RetryPolicy):
-        self.cfg = cfg
-        self.pool = pool
-        self.inbox = inbox
-        self.retry = retry
-        self.batch_size = pool.batch_size
-        linger_ms = cfg.linger_ms if cfg.linger_ms is not None else DEFAULT_LINGER_MS
-        self.linger = linger_ms / 1000 if pool.batch_size > 1 else 0.0
-        self.view = StageView(cfg.name, pool.kind, pool.size, capacity=inbox.capacity)
-        self.view.fused = tuple(f.name for f in cfg.fused)
-        self.limit = AdaptiveLimit(pool.size) if cfg.pool.adaptive else None
-        self.systemic = SystemicCheck(cfg.name)
-        # Coroutines driving the pool: a worker process gets its next document while
-        # it works on one, so it never waits a round trip for work.
-        self.drivers = pool.size * (2 if pool.kind == "process" else 1)
-        self.in_flight = 0
-        self.since = time.monotonic()
-
-    def depth(self) -> float:
-        return self.inbox.depth
-
-    def busy(self) -> float:
-        return self.view.busy
-
-    def allowed(self) -> float:
-        return self.limit.limit if self.limit is not None else self.pool.size
 
 
 class Runner:
@@ -128,7 +73,7 @@ class Runner:
         self.outcome = RunOutcome()
         self.ledger = Ledger()
         self._sleep = sleep
-        self._stages: list[_Stage] = []
+        self._stages: list[StageState] = []
         self._intake: Intake | None = None
         self._work: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -138,17 +83,7 @@ class Runner:
     # -- observation -------------------------------------------------------------
 
     def views(self) -> list[StageView]:
-        for st in self._stages:
-            st.view.depth = st.inbox.depth
-            st.view.full_seconds = st.inbox.full_seconds()
-            st.view.unavailable_s = st.retry.breaker.open_seconds()
-            if st.pool.stage is not None:
-                counts = st.pool.stage.counts
-                st.view.counters = {f"{name}:{label}": n for (name, label), n in counts.items()}
-            if st.limit is not None:
-                st.view.limit = st.limit.limit
-                st.view.limit_stats = st.limit.stats()
-        return [st.view for st in self._stages]
+        return [st.refresh() for st in self._stages]
 
     def full_since(self, stage: str) -> float | None:
         """When the channel feeding `stage` became full, if it is full now."""
@@ -270,7 +205,7 @@ class Runner:
                 sleep=self._sleep,
                 on_retry=self._retry_counter(cfg.name),
             )
-            st = _Stage(cfg, pool, inbox, retry)
+            st = StageState(cfg, pool, inbox, retry)
             self._stages.append(st)
             self.metrics.watch_stage(
                 cfg.name,
@@ -311,7 +246,7 @@ class Runner:
                 outbox = self._stages[i + 1].inbox if i + 1 < len(self._stages) else None
                 tg.create_task(self._run_stage(st, outbox), name=st.cfg.name)
 
-    async def _run_stage(self, st: _Stage, outbox: Channel[Item] | None) -> None:
+    async def _run_stage(self, st: StageState, outbox: Channel[Item] | None) -> None:
         """Run the stage's workers; close `outbox` after the last one, even on failure,
         so downstream sees end-of-input exactly once and never hangs."""
         try:
@@ -324,23 +259,23 @@ class Runner:
             if outbox is not None:
                 outbox.close()
 
-    async def _worker(self, st: _Stage, outbox: Channel[Item] | None) -> None:
+    async def _worker(self, st: StageState, outbox: Channel[Item] | None) -> None:
         while True:
             permit = await st.limit.acquire() if st.limit is not None else None
             try:
                 batch = await st.inbox.get_batch(st.batch_size, linger=st.linger)
             except BaseException:
-                self._give_back(st, permit)
+                st.give_back(permit)
                 raise
             if not batch:
-                self._give_back(st, permit)
+                st.give_back(permit)
                 return
             # Split once: releasing a dead item may await, and another worker may fail
             # a document meanwhile; an item must be either released here or processed.
             dead = [item for item in batch if self.ledger.has_failed(item.doc)]
             live = [item for item in batch if not self.ledger.has_failed(item.doc)]
             if not live:
-                self._give_back(st, permit)
+                st.give_back(permit)
             for item in dead:
                 await self._release(item.doc)
             if not live:
@@ -356,11 +291,11 @@ class Runner:
                 )
             finally:
                 for unused in slots:  # the run stopped before the first try
-                    self._give_back(st, unused)
+                    st.give_back(unused)
             await self._handle(st, outbox, live, outputs, st.systemic.screen(failures))
 
     def _attempt(
-        self, st: _Stage, slots: list[Permit]
+        self, st: StageState, slots: list[Permit]
     ) -> Callable[[list[Item]], Awaitable[list[Item]]]:
         """One try of a batch, within the stage's adaptive limit (if it has one).
 
@@ -394,13 +329,9 @@ class Runner:
 
         return attempt
 
-    def _give_back(self, st: _Stage, permit: Permit | None) -> None:
-        if st.limit is not None and permit is not None:
-            st.limit.release(permit, size=0)
-
     async def _handle(
         self,
-        st: _Stage,
+        st: StageState,
         outbox: Channel[Item] | None,
         live: list[Item],
         outputs: list[Item],
@@ -440,7 +371,7 @@ class Runner:
             else:
                 await outbox.put(out)
 
-    async def _timed(self, st: _Stage, items: list[Item]) -> list[Item]:
+    async def _timed(self, st: StageState, items: list[Item]) -> list[Item]:
         """One call of the stage's pool, counted as busy time for views and metrics."""
         self._busy(st, +1)
         began = time.monotonic()
@@ -455,17 +386,9 @@ class Runner:
             st.view.durations.append(elapsed)
             self.metrics.stage_seconds.labels(st.cfg.name).observe(elapsed)
 
-    def _busy(self, st: _Stage, change: int) -> None:
-        """Count busy workers and worker-seconds. A process pool has two calls in flight
-        per worker (one running, one queued, so no worker idles between documents):
-        busy is the calls in flight, up to the workers there are."""
-        now = time.monotonic()
-        seconds = min(st.in_flight, st.pool.size) * (now - st.since)
-        st.view.busy_seconds += seconds
+    def _busy(self, st: StageState, change: int) -> None:
+        seconds = st.track_busy(change)
         self.metrics.busy_seconds.labels(st.cfg.name).inc(seconds)
-        st.since = now
-        st.in_flight += change
-        st.view.busy = min(st.in_flight, st.pool.size)
         self._touch()
 
     async def _release(self, doc: str) -> None:

@@ -21,7 +21,8 @@ from pipeline.errors import ConfigError
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, report_hints
-from pipeline.runner import Runner, StageView
+from pipeline.runner import Runner
+from pipeline.stage_state import StageView
 from pipeline.state import open_state
 
 __all__ = ["run_session", "status_line"]

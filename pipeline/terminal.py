@@ -22,7 +22,8 @@ from pipeline.outcome import RunOutcome
 from pipeline.stage import Hit
 
 if TYPE_CHECKING:
-    from pipeline.runner import Runner, StageView
+    from pipeline.runner import Runner
+    from pipeline.stage_state import StageView
 
 __all__ = [
     "live_view",

@@ -14,9 +14,9 @@ from pipeline.limit import LimitStats
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, hints
-from pipeline.runner import StageView
 from pipeline.schema import json_schema
 from pipeline.stage import StageBase
+from pipeline.stage_state import StageView
 from pipeline.terminal import render_frame
 
 REPO = Path(__file__).resolve().parents[1]
