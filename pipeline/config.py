@@ -87,6 +87,7 @@ class PipelineConfig:
     state: Path
     stages: tuple[StageConfig, ...]
     shutdown_timeout_s: float = 30.0
+    min_free_mb: float = 256.0  # below this on the state's or store's filesystem: stop
 
 
 def cpu_count() -> int:
@@ -192,6 +193,7 @@ class _Loader:
             state=self.resolve_path(top["state"]),
             stages=fuse(stages),
             shutdown_timeout_s=top["shutdown_timeout_s"],
+            min_free_mb=top["min_free_mb"],
         )
 
     def source(self, raw: Mapping[str, Any] | None, override: Path | None) -> SourceConfig:

@@ -30,11 +30,13 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from pipeline.batch import run_batch
 from pipeline.channel import Channel
 from pipeline.config import PipelineConfig, cpu_count
 from pipeline.cpu import busy_seconds
+from pipeline.disk import CHECK_EVERY_S, low_space, written_paths
 from pipeline.errors import FatalError, StageError, TransientError
 from pipeline.intake import Intake
 from pipeline.ledger import Finished, Ledger
@@ -118,6 +120,17 @@ class Runner:
             loop = asyncio.get_running_loop()
             loop.call_later(self.config.shutdown_timeout_s, self._cancel)
 
+    async def _watch_disk(self, written: list[Path]) -> None:
+        """Stop the run (drain, save, exit 3) when free space runs short mid-run."""
+        while True:
+            await asyncio.sleep(CHECK_EVERY_S)
+            short = low_space(written, self.config.min_free_mb)
+            if short is not None:
+                logger.error("disk almost full: %s; stopping intake, draining", short)
+                self.outcome.fatal = short
+                self.stop(signal_name="low disk space")
+                return
+
     def _cancel(self) -> None:
         if self._work is not None and not self._work.done():
             self._cancelled = True
@@ -126,9 +139,16 @@ class Runner:
     # -- the run -----------------------------------------------------------------
 
     async def run(self) -> RunOutcome:
+        """The run, to its outcome. Raises FatalError before any work if a filesystem
+        it writes to has less than `min_free_mb` free."""
+        written = written_paths(self.config)
+        short = low_space(written, self.config.min_free_mb)
+        if short is not None:
+            raise FatalError(short)
         started = time.monotonic()
         cpu_before = busy_seconds()
         run_id = self.state.begin_run()
+        disk = asyncio.create_task(self._watch_disk(written), name="disk")
         logger.info("run %d started over %s", run_id, self.config.source.path)
         try:
             await self._open_stages()
@@ -160,6 +180,7 @@ class Runner:
         except FatalError as exc:
             self.outcome.fatal = str(exc)
         finally:
+            disk.cancel()
             self.outcome.interrupted += len(self.ledger)
             await self._close_stages()
             self.outcome.seconds = time.monotonic() - started

@@ -253,6 +253,12 @@ TOP: Mapping[str, Key] = {
     "source": Key(section(SOURCE), "Where the documents come from.", required=True),
     "state": Key(text("a file path"), "Progress database, relative to this file.", required=True),
     "shutdown_timeout_s": Key(number(0, exclusive=True), "SIGTERM grace period.", default=30.0),
+    "min_free_mb": Key(
+        number(0),
+        "Free space the run keeps on the filesystems of its state and store: below it,"
+        " intake stops, the run drains and exits 3.",
+        default=256.0,
+    ),
     "stages": Key(
         Rule(
             "a non-empty list of stages",

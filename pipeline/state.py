@@ -13,12 +13,13 @@ A lock file next to the database keeps a second run from sharing it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,58 @@ class DocRecord:
     updated: float
 
 
+class _Guarded:
+    """The connection, with failures of the disk under it as FatalError.
+
+    A full disk, an I/O error or a filesystem gone read-only fails every write
+    alike: the run stops with exit 3 naming the database and the reason, never a
+    traceback, and the next run resumes from the last commit."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db = db
+        self._path = path
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise FatalError(
+                f"cannot write the run state at {self._path}: {exc}; "
+                "the next run resumes from what was saved"
+            ) from exc
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        with self._guard():
+            return self._db.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        with self._guard():
+            return self._db.executemany(sql, rows)
+
+    def commit(self) -> None:
+        with self._guard():
+            self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> _Guarded:
+        self._db.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._guard():
+            self._db.__exit__(*exc)
+
+
 class RunState:
     """Typed access to the state database; one instance per process."""
 
-    def __init__(self, db: sqlite3.Connection, lock_fd: int | None) -> None:
-        self._db = db
+    def __init__(self, db: sqlite3.Connection, lock_fd: int | None, path: Path) -> None:
+        self._db = _Guarded(db, path)
         self._lock_fd = lock_fd
+        self.path = path
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -269,8 +316,13 @@ def open_state(path: Path, *, exclusive: bool) -> RunState:
         except BlockingIOError:
             os.close(lock_fd)
             raise FatalError(f"state in use by another run: {path}") from None
-    db = sqlite3.connect(path, timeout=30, isolation_level="DEFERRED")
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.executescript(SCHEMA)
-    return RunState(db, lock_fd)
+    try:
+        db = sqlite3.connect(path, timeout=30, isolation_level="DEFERRED")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise FatalError(f"cannot open the run state at {path}: {exc}") from exc
+    return RunState(db, lock_fd, path)
