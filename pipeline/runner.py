@@ -121,14 +121,22 @@ class Runner:
             loop.call_later(self.config.shutdown_timeout_s, self._cancel)
 
     async def _watch_disk(self, written: list[Path]) -> None:
-        """Stop the run (drain, save, exit 3) when free space runs short mid-run."""
+        """Stop the run when free space runs short mid-run: intake stops and in-flight
+        work drains (exit 3); if the drain itself eats half the margin, in-flight work
+        is cancelled too (its documents stay pending)."""
+        floor = self.config.min_free_mb
         while True:
             await asyncio.sleep(CHECK_EVERY_S)
-            short = low_space(written, self.config.min_free_mb)
-            if short is not None:
+            short = low_space(written, floor if self.outcome.fatal is None else floor / 2)
+            if short is None:
+                continue
+            if self.outcome.fatal is None:
                 logger.error("disk almost full: %s; stopping intake, draining", short)
                 self.outcome.fatal = short
                 self.stop(signal_name="low disk space")
+            else:
+                logger.error("disk still filling while draining: %s; stopping now", short)
+                self.stop(signal_name="low disk space", now=True)
                 return
 
     def _cancel(self) -> None:

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError
+from pipeline.disk import low_space, written_paths
+from pipeline.errors import ConfigError, FatalError
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, report_hints
@@ -42,6 +43,9 @@ def run_session(
     report: Path | None,
 ) -> int:
     """Run the pipeline once; returns the exit code (see pipeline.outcome)."""
+    short = low_space(written_paths(config), config.min_free_mb)
+    if short is not None:  # before anything is written, the state included
+        raise FatalError(short)
     state = open_state(config.state, exclusive=True)
     pending = state.counts().get("pending", 0)
     if pending:

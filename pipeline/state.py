@@ -307,10 +307,14 @@ def open_state(path: Path, *, exclusive: bool) -> RunState:
     FatalError instead of interleaving its writes with ours. Read-only commands
     (`status`, `failed`) open without it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock_fd = None
-    if exclusive:
-        lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise FatalError(f"cannot open the run state at {path}: {exc.strerror or exc}") from exc
+    if lock_fd is not None:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -112,10 +112,12 @@ def rows(folder: Path) -> dict[str, tuple[str, str | None]]:
     return {path: (status, reason) for path, status, reason in found}
 
 
-def collection(folder: Path) -> dict[str, tuple[list[float], dict[str, Any]]]:
+def collection(
+    folder: Path, *, store_folder: str = "qdrant"
+) -> dict[str, tuple[list[float], dict[str, Any]]]:
     store = Upsert(
         {
-            "path": folder / "qdrant",
+            "path": folder / store_folder,
             "url": None,
             "collection": "docs",
             "engine": "edge",
