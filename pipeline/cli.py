@@ -1,4 +1,5 @@
-"""The `pipeline` command: run, search, validate, status, failed, retry, schema, serve-embeddings.
+"""The `pipeline` command: run, watch, search, validate, status, failed, retry, schema,
+serve-embeddings.
 
 User mistakes end with one clear line and exit 2 before any work; a run that
 cannot go on ends with exit 3; nothing a user can cause prints a traceback.
@@ -17,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig, load_config
-from pipeline.errors import ConfigError, FatalError
+from pipeline.errors import ConfigError, FatalError, InUseError
 from pipeline.outcome import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 from pipeline.stage import AsyncStage, QueryEmbedder, Searcher, Stage
 
 __all__ = ["main"]
 
 logger = logging.getLogger("pipeline")
+_WAIT_STEP_S = 0.25
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     p = command("run", _cmd_run, "Index the source folder.")
     config_arg(p)
     _run_args(p)
+    p = command("watch", _cmd_watch, "Index the source folder, then keep following its changes.")
+    config_arg(p)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--no-progress", action="store_true", help="plain status lines, no live view")
     p = command("retry", _cmd_retry, "Requeue failed documents (all, or those named) and run.")
     config_arg(p)
     p.add_argument("paths", nargs="*", help="documents to retry, as `pipeline failed` lists them")
@@ -67,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("-k", type=int, default=5, help="how many hits")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for an embedded store a running pass holds (default 30)",
+    )
     p = command("validate", _cmd_validate, "Check the config and show the stage graph.")
     config_arg(p)
     p = command("status", _cmd_status, "Documents by status and the last run.")
@@ -103,7 +116,7 @@ def _setup_logging(level: int, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
-    for noisy in ("httpx", "httpcore", "pypdf"):
+    for noisy in ("httpx", "httpcore", "pypdf", "watchfiles"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -161,6 +174,20 @@ def _run(args: argparse.Namespace, *, requeue: list[str] | None) -> int:
     )
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    args.report = None
+    _check_run_flags(args)
+    from pipeline.watch import watch_session
+
+    return watch_session(
+        config,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        progress=not args.no_progress,
+    )
+
+
 def _check_run_flags(args: argparse.Namespace) -> None:
     """Mistakes in flags are found before the run, not after an hour of it."""
     port = args.metrics_port
@@ -178,7 +205,7 @@ def _check_run_flags(args: argparse.Namespace) -> None:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    hits = asyncio.run(_search(config, args.query, args.k))
+    hits = asyncio.run(_search(config, args.query, args.k, args.wait))
     if args.json:
         rows = [
             {"score": h.score, "path": h.path, "page": h.page, "chunk": h.chunk, "text": h.text}
@@ -192,7 +219,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _search(config: PipelineConfig, query: str, k: int) -> list[Any]:
+async def _open_waiting(store: Stage, wait_s: float) -> None:
+    """Open the store, waiting up to `wait_s` while another process holds it: a
+    `pipeline watch` holds an embedded store only while a pass runs."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            store.open()
+            return
+        except InUseError:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            await asyncio.sleep(_WAIT_STEP_S)
+
+
+async def _search(config: PipelineConfig, query: str, k: int, wait_s: float) -> list[Any]:
     """Embed the query with the pipeline's own embedder, ask the pipeline's own store."""
     embedder = searcher = None
     for cfg in config.stages:
@@ -213,7 +254,7 @@ async def _search(config: PipelineConfig, query: str, k: int) -> list[Any]:
         vector = (await embedder.embed_texts([query]))[0]
     finally:
         await embedder.close()
-    searcher.open()
+    await _open_waiting(searcher, wait_s)
     try:
         return list(searcher.search(vector, limit=k))
     finally:

@@ -25,7 +25,7 @@ from typing import Any, cast
 from pipeline.errors import ConfigError
 from pipeline.fusion import fuse
 from pipeline.registry import known_kinds, resolve
-from pipeline.schema import POOL, RETRY, SOURCE, STAGE, TOP, Invalid, Key, param_key
+from pipeline.schema import POOL, RETRY, SOURCE, STAGE, TOP, WATCH, Invalid, Key, param_key
 from pipeline.stage import PoolKind, StageBase
 from pipeline.yamlfile import KeyPath, Lines, parse, render
 
@@ -35,6 +35,7 @@ __all__ = [
     "RetryConfig",
     "SourceConfig",
     "StageConfig",
+    "WatchConfig",
     "cpu_count",
     "load_config",
 ]
@@ -81,6 +82,12 @@ class SourceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchConfig:
+    settle_s: float = 2.0  # a file is read once stable this long
+    rescan_s: float = 300.0  # a full walk this often, for lost events
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineConfig:
     file: Path  # as the user gave it, so later messages name it the same way
     source: SourceConfig
@@ -88,6 +95,7 @@ class PipelineConfig:
     stages: tuple[StageConfig, ...]
     shutdown_timeout_s: float = 30.0
     min_free_mb: float = 256.0  # below this on the state's or store's filesystem: stop
+    watch: WatchConfig = WatchConfig()
 
 
 def cpu_count() -> int:
@@ -194,6 +202,7 @@ class _Loader:
             stages=fuse(stages),
             shutdown_timeout_s=top["shutdown_timeout_s"],
             min_free_mb=top["min_free_mb"],
+            watch=WatchConfig(**self.section(top["watch"] or {}, ("watch",), WATCH)),
         )
 
     def source(self, raw: Mapping[str, Any] | None, override: Path | None) -> SourceConfig:

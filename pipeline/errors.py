@@ -3,7 +3,8 @@
     PipelineError
     ├── ConfigError       a mistake in the config or command line: exit 2, no work done
     ├── FatalError        the run cannot go on (store unreachable or in use,
-    │                     credentials rejected): stop at once, exit 3
+    │   │                 credentials rejected): stop at once, exit 3
+    │   └── InUseError    another process holds it (an embedded store, the state)
     └── StageError        one item failed inside a stage
         ├── TransientError  worth retrying: timeout, dropped connection, 429, 5xx
         │                   (flags: `overloaded` cuts the adaptive limit, `unavailable`
@@ -22,6 +23,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "FatalError",
+    "InUseError",
     "PermanentError",
     "PipelineError",
     "StageError",
@@ -63,6 +65,11 @@ class ConfigError(PipelineError):
 
 class FatalError(PipelineError):
     """The run cannot go on; retrying any document would fail the same way."""
+
+
+class InUseError(FatalError):
+    """Another process holds what we need (an embedded store allows one): worth
+    waiting for when the holder is a watcher between passes, never otherwise."""
 
 
 class StageError(PipelineError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Intake:
         outcome: RunOutcome,
         discard: Callable[[list[str]], Awaitable[None]],
         on_handed: Callable[[], None],
+        settle_s: float = 0.0,
     ) -> None:
         self._root = root
         self._pattern = pattern
@@ -54,6 +56,7 @@ class Intake:
         self._on_handed = on_handed
         self._stopping = False
         self._seen_uncommitted = 0
+        self._settle_ns = int(settle_s * 1e9)
 
     def stop(self) -> None:
         """Stop reading the source; what is already in the pipeline carries on."""
@@ -103,6 +106,12 @@ class Intake:
             and (record.size, record.mtime_ns) == (entry.size, entry.mtime_ns)
         ):
             self._unchanged(path)
+            return None
+        if self._settle_ns and time.time_ns() - entry.mtime_ns < self._settle_ns:
+            # Still being written, maybe: not read half-way; a later pass takes it.
+            if record is not None:
+                state.seen(path, self._run)  # present: not to be pruned
+            outcome.deferred += 1
             return None
         try:
             sha256 = await asyncio.to_thread(file_sha256, entry.file)

@@ -28,6 +28,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._stage_counters: dict[str, _StageCounters] = {}
         r = self.registry
         self.source_documents = Counter(
             "pipeline_source_documents", "Documents the source has handed on", registry=r
@@ -102,9 +103,19 @@ class Metrics:
             self.items.labels(stage, outcome)
 
     def watch_counters(self, stage: StageBase) -> None:
-        """Export the counters a stage keeps itself (its COUNTERS), read at scrape time."""
-        if stage.COUNTERS:
-            self.registry.register(_StageCounters(stage))
+        """Export the counters a stage keeps itself (its COUNTERS), read at scrape time.
+
+        A later run on the same metrics (`pipeline watch`) replaces the stage's
+        earlier copy; its counts carry on from where that one's ended."""
+        if not stage.COUNTERS:
+            return
+        old = self._stage_counters.pop(stage.name, None)
+        if old is not None:
+            self.registry.unregister(old)
+            stage.counts.update(old.stage.counts)
+        collector = _StageCounters(stage)
+        self.registry.register(collector)
+        self._stage_counters[stage.name] = collector
 
     def serve(self, port: int, *, host: str = "127.0.0.1") -> Any:
         """Serve /metrics for the life of the run; returns the server to shut down."""
@@ -116,13 +127,13 @@ class _StageCounters(Collector):
     """`pipeline_<counter>_total{stage, <label>}` from a stage's own `counts`."""
 
     def __init__(self, stage: StageBase) -> None:
-        self._stage = stage
+        self.stage = stage
 
     def describe(self) -> Iterator[CounterMetricFamily]:
         return self.collect()
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        stage = self._stage
+        stage = self.stage
         for counter, (label, doc) in stage.COUNTERS.items():
             family = CounterMetricFamily(f"pipeline_{counter}", doc, labels=["stage", label])
             for (name, value), n in list(stage.counts.items()):

@@ -38,6 +38,8 @@ class RunOutcome:
     previously_failed: int = 0
     removed: int = 0
     interrupted: int = 0  # in flight when the run stopped: pending, resumed next run
+    deferred: int = 0  # modified too recently to read (watch mode): a later pass takes them
+    low_disk: bool = False  # stopped because free space ran short
     chunks: int = 0
     pages: int = 0
     retry_reasons: Counter[str] = field(default_factory=Counter)  # "stage: reason" -> n
@@ -98,6 +100,7 @@ class RunOutcome:
             "previously_failed": self.previously_failed,
             "removed": self.removed,
             "interrupted": self.interrupted,
+            "deferred": self.deferred,
             "chunks": self.chunks,
             "pages": self.pages,
             "retries_by_reason": dict(self.retry_reasons),

@@ -68,6 +68,7 @@ class Runner:
         state: RunState,
         metrics: Metrics | None = None,
         sleep: Sleep = asyncio.sleep,
+        settle_s: float = 0.0,
     ) -> None:
         self.config = config
         self.state = state
@@ -81,6 +82,7 @@ class Runner:
         self._changed = asyncio.Event()
         self._cancelled = False
         self._tokens = itertools.count()
+        self._settle_s = settle_s  # files modified more recently are left for later
 
     # -- observation -------------------------------------------------------------
 
@@ -133,6 +135,7 @@ class Runner:
             if self.outcome.fatal is None:
                 logger.error("disk almost full: %s; stopping intake, draining", short)
                 self.outcome.fatal = short
+                self.outcome.low_disk = True
                 self.stop(signal_name="low disk space")
             else:
                 logger.error("disk still filling while draining: %s; stopping now", short)
@@ -169,6 +172,7 @@ class Runner:
                 outcome=self.outcome,
                 discard=self._discard,
                 on_handed=self.metrics.source_documents.inc,
+                settle_s=self._settle_s,
             )
             if self.outcome.stopped_by is not None:
                 self._intake.stop()

@@ -34,6 +34,7 @@ __all__ = [
     "SOURCE",
     "STAGE",
     "TOP",
+    "WATCH",
     "Invalid",
     "Key",
     "Rule",
@@ -249,10 +250,23 @@ SOURCE: Mapping[str, Key] = {
     "glob": Key(text("a glob pattern"), "Which files under path to index.", default="**/*.pdf"),
     "prune": Key(FLAG, "Drop indexed documents whose file is gone.", default=True),
 }
+WATCH: Mapping[str, Key] = {
+    "settle_s": Key(
+        number(0),
+        "A file is read once its size and mtime have been stable this long.",
+        default=2.0,
+    ),
+    "rescan_s": Key(
+        number(0, exclusive=True),
+        "Walk the whole folder this often, for events that were lost.",
+        default=300.0,
+    ),
+}
 TOP: Mapping[str, Key] = {
     "source": Key(section(SOURCE), "Where the documents come from.", required=True),
     "state": Key(text("a file path"), "Progress database, relative to this file.", required=True),
     "shutdown_timeout_s": Key(number(0, exclusive=True), "SIGTERM grace period.", default=30.0),
+    "watch": Key(section(WATCH), "`pipeline watch`: settling and rescans."),
     "min_free_mb": Key(
         number(0),
         "Free space the run keeps on the filesystems of its state and store: below it,"

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
@@ -24,9 +25,9 @@ from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, report_hints
 from pipeline.runner import Runner
 from pipeline.stage_state import StageView
-from pipeline.state import open_state
+from pipeline.state import RunState, open_state
 
-__all__ = ["run_session", "status_line"]
+__all__ = ["observed", "prepared", "run_session", "status_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +35,12 @@ PLAIN_EVERY_S = 10.0
 _WATCH_EVERY_S = 1.0
 
 
-def run_session(
-    config: PipelineConfig,
-    *,
-    metrics_port: int | None,
-    metrics_host: str,
-    progress: bool,
-    report: Path | None,
-) -> int:
-    """Run the pipeline once; returns the exit code (see pipeline.outcome)."""
+@contextlib.contextmanager
+def prepared(
+    config: PipelineConfig, *, metrics_port: int | None, metrics_host: str
+) -> Iterator[tuple[RunState, Metrics]]:
+    """The state (locked for this process) and the metrics (served if asked) of a
+    run or a watch; refused before anything is written if space is short."""
     short = low_space(written_paths(config), config.min_free_mb)
     if short is not None:  # before anything is written, the state included
         raise FatalError(short)
@@ -63,15 +61,30 @@ def run_session(
                 "a free port",
                 got=f"{metrics_port} ({exc.strerror})",
             ) from exc
-    if server is not None:
         logger.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     try:
-        runner = Runner(config, state=state, metrics=metrics)
-        outcome = asyncio.run(_drive(runner, live=progress and sys.stderr.isatty()))
+        yield state, metrics
     finally:
         if server is not None:
             server.shutdown()
         state.close()
+
+
+def run_session(
+    config: PipelineConfig,
+    *,
+    metrics_port: int | None,
+    metrics_host: str,
+    progress: bool,
+    report: Path | None,
+) -> int:
+    """Run the pipeline once; returns the exit code (see pipeline.outcome)."""
+    with prepared(config, metrics_port=metrics_port, metrics_host=metrics_host) as (
+        state,
+        metrics,
+    ):
+        runner = Runner(config, state=state, metrics=metrics)
+        outcome = asyncio.run(_drive(runner, live=progress and sys.stderr.isatty()))
     from pipeline.terminal import print_summary
 
     views = runner.views()
@@ -95,6 +108,12 @@ async def _drive(runner: Runner, *, live: bool) -> RunOutcome:
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, lambda: runner.stop(signal_name="SIGTERM"))
+    return await observed(runner, live=live)
+
+
+async def observed(runner: Runner, *, live: bool) -> RunOutcome:
+    """Run `runner` to its outcome with the live view (or the status line) and the
+    watchdog's warnings beside it."""
     task = asyncio.create_task(runner.run())
     watchers = [asyncio.create_task(_warn(runner))]
     if live:

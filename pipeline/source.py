@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["Entry", "file_sha256", "walk"]
+__all__ = ["matches", "Entry", "file_sha256", "walk"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +99,11 @@ def file_sha256(path: Path) -> str:
     """The content hash: a document's identity across renames and runs."""
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def matches(pattern: str, relative: str) -> bool:
+    """Whether a path relative to the source folder is one the walk would take."""
+    return _compile(pattern).fullmatch(relative) is not None
 
 
 @lru_cache(maxsize=16)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import FatalError
+from pipeline.errors import FatalError, InUseError
 
 __all__ = ["DocRecord", "RunState", "open_state"]
 
@@ -319,7 +319,7 @@ def open_state(path: Path, *, exclusive: bool) -> RunState:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock_fd)
-            raise FatalError(f"state in use by another run: {path}") from None
+            raise InUseError(f"state in use by another run: {path}") from None
     try:
         db = sqlite3.connect(path, timeout=30, isolation_level="DEFERRED")
         db.execute("PRAGMA journal_mode=WAL")

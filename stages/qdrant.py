@@ -24,7 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
-from pipeline.errors import FatalError, PermanentError, PipelineError, TransientError
+from pipeline.errors import (
+    FatalError,
+    InUseError,
+    PermanentError,
+    PipelineError,
+    TransientError,
+)
 from pipeline.stage import Hit, Item, Param, ParamProblem, PoolKind, Stage
 
 __all__ = ["Upsert", "point_id"]
@@ -372,7 +378,7 @@ class _ClientEngine:
                 )
             return PermanentError(f"Qdrant at {self._where} refused: {text}", reason=f"http_{code}")
         if isinstance(exc, RuntimeError) and "already accessed" in text:
-            return FatalError(f"store in use by another run: {self._where}")
+            return InUseError(f"store in use by another run: {self._where}")
         if isinstance(exc, ValueError):  # local mode's "Wrong input": a server would answer 400
             return PermanentError(f"Qdrant at {self._where} refused: {text}", reason="http_400")
         return FatalError(f"qdrant-client failed at {self._where}: {text}")

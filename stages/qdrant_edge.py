@@ -25,7 +25,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import qdrant_edge as qe
 
-from pipeline.errors import FatalError
+from pipeline.errors import FatalError, InUseError
 
 __all__ = ["EdgeEngine"]
 
@@ -162,7 +162,7 @@ class EdgeEngine:
             return call()
         except Exception as exc:  # Edge raises only bare Exception; we re-raise typed
             if _LOCKED in str(exc):
-                raise FatalError(f"store in use by another run: {self.folder}") from exc
+                raise InUseError(f"store in use by another run: {self.folder}") from exc
             raise FatalError(
                 f"Qdrant Edge could not {doing} the shard at {self.folder}: {exc}"
             ) from exc
