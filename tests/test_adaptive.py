@@ -95,9 +95,9 @@ def one_at_a_time() -> Iterator[CapacityServer]:
 async def test_a_server_that_computes_one_request_at_a_time_is_not_flooded(
     tmp_path: Path, corpus: Path, one_at_a_time: CapacityServer
 ) -> None:
-    # 64 requests at once would queue ~50 x 0.3 s at this server, past the 1.5 s timeout,
+    # 64 requests at once would queue ~13 x 0.3 s at this server, past the 3 s timeout,
     # and every resend would queue behind the abandoned copies (what main did).
-    config = project(tmp_path, corpus, one_at_a_time.url, embed=", request_timeout_s: 1.5")
+    config = project(tmp_path, corpus, one_at_a_time.url, embed=", request_timeout_s: 3")
     runner, outcome = await run(config)
     assert outcome.exit_code == 0 and outcome.indexed == DOCS
     server = one_at_a_time

@@ -16,6 +16,7 @@ import pytest
 from bench.corpus import generate
 from stages.embed_server import EmbeddingServer
 from tests.test_end_to_end import collection
+from tests.test_watch import Watching
 
 DOCS = 600  # ~5,000 chunks: ~34 MB of Edge store
 
@@ -178,4 +179,27 @@ def test_a_read_only_filesystem_stops_the_run_with_its_path_and_reason(
     assert "Traceback" not in refused.stderr
     fs.remount("rw")
     assert run(config).returncode == 0
+    assert points(store) == clean_run(tmp_path, corpus, server.url)
+
+
+def test_a_watcher_pauses_on_a_full_disk_and_resumes_when_space_returns(
+    tmp_path: Path, corpus: Path, server: EmbeddingServer, mounts: list[Tmpfs]
+) -> None:
+    fs = Tmpfs(tmp_path / "fs", 40)
+    mounts.append(fs)
+    store = fs.where / "q"
+    config = project(
+        tmp_path / "p", corpus, server.url, state=fs.where / "s/state.db", store=store, free=24
+    )
+    config.write_text(config.read_text() + "watch: {settle_s: 0, rescan_s: 600}\n")
+    watch = Watching("-c", str(config))
+    try:
+        watch.wait_for("paused: waiting for free space")
+        fs.remount("size=256m")
+        watch.wait_for("free space is back; resuming")
+        watch.wait_for("watching ")  # caught up
+    finally:
+        code = watch.stop()
+    assert code == 143
+    assert "Traceback" not in "".join(watch.log)
     assert points(store) == clean_run(tmp_path, corpus, server.url)

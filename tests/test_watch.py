@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from stages.embed_server import EmbeddingServer
-from tests.test_end_to_end import free_port, pipeline
+from tests.fault_server import FaultServer
+from tests.test_end_to_end import collection, free_port, pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "pdfs"
 FIRST, SECOND, THIRD = "google-docs-export.pdf", "pdfa-crazyones.pdf", "udhr-multiscript.pdf"
@@ -121,8 +122,9 @@ def test_the_index_follows_the_folder(tmp_path: Path, server: EmbeddingServer) -
     finally:
         code = watch.stop()
     assert code == 143, "".join(watch.log)
+    shutil.copy(EXAMPLES / SECOND, docs / SECOND)  # changed while nothing watched
     again = pipeline("run", "-c", str(config), "--no-progress")
-    assert again.returncode == 0 and "0 indexed" in again.stderr
+    assert again.returncode == 0 and "1 indexed" in again.stderr
 
 
 def test_a_file_still_being_written_is_not_read_half_way(
@@ -146,3 +148,21 @@ def test_a_file_still_being_written_is_not_read_half_way(
     assert "0 failed" in line and "failed " + THIRD not in "".join(watch.log)
     failed = json.loads(pipeline("failed", "-c", str(config), "--json").stdout)
     assert failed == []
+
+
+def test_kill_9_of_a_watcher_mid_pass_loses_nothing(
+    tmp_path: Path, server: EmbeddingServer
+) -> None:
+    clean = project(tmp_path / "clean", server.url)
+    assert pipeline("run", "-c", str(clean), "--no-progress").returncode == 0
+    with FaultServer() as hung:
+        config = project(tmp_path / "killed", hung.url, settle_s=0)
+        hung.hang()  # the pass is mid-flight, embedding requests held, when killed
+        watch = Watching("-c", str(config))
+        assert hung.wait_for_requests(1, timeout=60)
+        watch.proc.kill()
+        watch.proc.wait(timeout=30)
+        hung.release()
+    config.write_text(config.read_text().replace(hung.url, server.url))
+    assert pipeline("run", "-c", str(config), "--no-progress").returncode == 0
+    assert collection(tmp_path / "killed") == collection(tmp_path / "clean")
