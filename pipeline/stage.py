@@ -10,8 +10,8 @@ stage (say, one that adds a `title`) slots in with a YAML edit. The fields the
 shipped stages use:
 
     source  -> {"path", "file" (absolute), "sha256"}
-    extract -> {"path", "sha256", "pages": [(page_number, text), ...]}
-    chunk   -> {"path", "sha256", "page", "chunk", "text"}   one item per chunk
+    extract -> {"path", "sha256", "pages": [(page_number, text), ...], "ocr_pages"?: [n]}
+    chunk   -> {"path", "sha256", "page", "chunk", "text", "ocr"?: True}  one per chunk
     embed   -> the chunk's fields plus "vector": a float32 numpy row
     store   -> the items it stored, once the store acknowledged them
 

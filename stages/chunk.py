@@ -184,11 +184,10 @@ class Chunk(Stage):
         for item in items:
             path, sha256 = item.data["path"], item.data["sha256"]
             chunks = chunk_pages(item.data["pages"], size=self.size, overlap=self.overlap)
-            out.extend(
-                Item(
-                    item.doc,
-                    {"path": path, "sha256": sha256, "page": page, "chunk": index, "text": text},
-                )
-                for index, (page, text) in enumerate(chunks)
-            )
+            ocr = set(item.data.get("ocr_pages", ()))
+            for index, (page, text) in enumerate(chunks):
+                data = {"path": path, "sha256": sha256, "page": page, "chunk": index, "text": text}
+                if page in ocr:
+                    data["ocr"] = True  # read from the page's image: a user may filter on it
+                out.append(Item(item.doc, data))
         return out

@@ -20,7 +20,7 @@ def extract() -> Iterator[Extract]:
     """An opened stage; the pypdf logger level it sets is put back afterwards."""
     pypdf_logger = logging.getLogger("pypdf")
     level = pypdf_logger.level
-    stage = Extract({"min_chars": 1}, name="extract")
+    stage = Extract({"min_chars": 1, "ocr": "off"}, name="extract")  # OCR: tests/test_ocr.py
     stage.open()
     yield stage
     stage.close()
