@@ -367,6 +367,7 @@ class BenchOptions:
     batch: int | None = None
     embed_queue: int | None = None  # in batches; None: as in pipeline.yaml (unset: 2 x workers)
     extract_workers: int | None = None  # None: as in pipeline.yaml ("auto")
+    extractor: str = "pypdf"  # pdf.extract's engine: pypdf or pdfium
     engine: str = "edge"
     chunk_size: int | None = None
     chunk_overlap: int | None = None
@@ -385,8 +386,10 @@ def write_config(folder: Path, corpus: Path, url: str, opts: BenchOptions) -> Pa
     for stage in config["stages"]:
         params = stage.setdefault("with", {})
         pool = stage.setdefault("pool", {})
-        if stage["uses"] == "pdf.extract" and opts.extract_workers is not None:
-            pool["size"] = opts.extract_workers
+        if stage["uses"] == "pdf.extract":
+            params["engine"] = opts.extractor
+            if opts.extract_workers is not None:
+                pool["size"] = opts.extract_workers
         elif stage["uses"] == "text.chunk":
             if opts.chunk_size is not None:
                 params["size"] = opts.chunk_size
@@ -568,6 +571,19 @@ def _extract_file(path: str) -> tuple[int, int]:
     return len(reader.pages), chars
 
 
+def _extract_file_pdfium(path: str) -> tuple[int, int]:
+    """Bare PDFium on one file: (pages, characters)."""
+    import pypdfium2 as pdfium
+
+    document = pdfium.PdfDocument(Path(path).read_bytes())
+    chars = 0
+    for index in range(len(document)):
+        chars += len(document[index].get_textpage().get_text_range())
+    pages = len(document)
+    document.close()
+    return pages, chars
+
+
 def _quiet_pypdf() -> None:
     import logging
 
@@ -576,18 +592,20 @@ def _quiet_pypdf() -> None:
     logging.getLogger("pypdf").setLevel(logging.ERROR)
 
 
-def bare_pypdf(corpus: Path, *, workers: int) -> dict[str, Any]:
-    """Pages/s of `workers` processes doing nothing but PdfReader + extract_text."""
+def bare_pypdf(corpus: Path, *, workers: int, extractor: str = "pypdf") -> dict[str, Any]:
+    """Pages/s of `workers` processes doing nothing but read each page's text
+    (PdfReader + extract_text, or PDFium's get_text_range)."""
     files = sorted(str(p) for p in corpus.glob("*.pdf"))
+    one = _extract_file_pdfium if extractor == "pdfium" else _extract_file
     started = time.perf_counter()
     pages = chars = 0
     with get_context("fork").Pool(workers, initializer=_quiet_pypdf) as pool:
-        for n, c in pool.imap_unordered(_extract_file, files, chunksize=4):
+        for n, c in pool.imap_unordered(one, files, chunksize=4):
             pages += n
             chars += c
     seconds = time.perf_counter() - started
     return {
-        "kind": "pypdf",
+        "kind": extractor,
         "workers": workers,
         "docs": len(files),
         "pages": pages,
@@ -672,6 +690,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store-queue", type=int, help="store's queue: batches (default 2)")
     p.add_argument("--reopen", action="store_true", help="also time reopening the store")
     p.add_argument("--mode", choices=("pipeline", "pypdf", "both"), default="pipeline")
+    p.add_argument(
+        "--extractor",
+        choices=("pypdf", "pdfium"),
+        default="pypdf",
+        help="pdf.extract's engine, and the bare baseline's (--mode pypdf and both)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the run folder under bench/out/")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p
@@ -688,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch=args.batch,
         embed_queue=args.embed_queue,
         extract_workers=args.extract_workers,
+        extractor=args.extractor,
         engine=args.engine,
         chunk_size=args.chunk_size,
         chunk_overlap=args.chunk_overlap,
@@ -699,10 +724,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     corpus = corpus_dir(opts.docs, opts.pages, opts.seed)
     if args.mode in ("pypdf", "both"):
         workers = opts.extract_workers or len(os.sched_getaffinity(0))
-        base = bare_pypdf(corpus, workers=workers)
+        base = bare_pypdf(corpus, workers=workers, extractor=opts.extractor)
         results["pypdf"] = base
         print(
-            f"bare pypdf: {base['pages']} pages with {workers} processes in "
+            f"bare {opts.extractor}: {base['pages']} pages with {workers} processes in "
             f"{base['seconds']:.2f} s: {base['pages_per_s']:.1f} pages/s"
         )
     if args.mode in ("pipeline", "both"):
@@ -714,7 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall = results["pipeline"]["pages"] / results["pipeline"]["wall_s"]
         wall_ratio = wall / results["pypdf"]["pages_per_s"]
         results["ratio"] = {"run": ratio, "wall": wall_ratio}
-        print(f"pipeline / bare pypdf: {ratio:.0%} (run time), {wall_ratio:.0%} (wall time)")
+        print(
+            f"pipeline / bare {opts.extractor}: {ratio:.0%} (run time), "
+            f"{wall_ratio:.0%} (wall time)"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
