@@ -170,8 +170,12 @@ class Extract(Stage):
 
         if self._reader is None:
             self._reader = PageReader()
-        document = pdfium.PdfDocument(data)
         read: list[int] = []
+        try:
+            document = pdfium.PdfDocument(data)
+        except pdfium.PdfiumError as exc:  # pypdf read it, PDFium cannot render it
+            logger.warning("cannot render pages for OCR: %s", _describe(exc))
+            return read
         try:
             for index in wanted:
                 number, _text = pages[index]
