@@ -66,6 +66,7 @@ class Watcher:
         self.state = state
         self.metrics = metrics
         self.passes = 0
+        self.passed = asyncio.Event()  # set at the end of every pass (for whoever waits)
         self.changed: set[str] = set()  # names events reported since the last pass began
         self._wake = asyncio.Event()
         self._stopped_by: str | None = None
@@ -110,6 +111,7 @@ class Watcher:
                 continue
             finally:
                 self._runner = None
+                self.passed.set()
             logger.info(
                 "pass %d: %d indexed, %d failed, %d unchanged, %d removed, %d left to settle",
                 self.passes,

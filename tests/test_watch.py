@@ -4,6 +4,7 @@ embedding server, the command in a subprocess. The test follows the watcher's lo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import re
@@ -166,3 +167,42 @@ def test_kill_9_of_a_watcher_mid_pass_loses_nothing(
     config.write_text(config.read_text().replace(hung.url, server.url))
     assert pipeline("run", "-c", str(config), "--no-progress").returncode == 0
     assert collection(tmp_path / "killed") == collection(tmp_path / "clean")
+
+
+async def test_the_rescan_finds_what_events_missed(
+    tmp_path: Path, server: EmbeddingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events get lost (network filesystems, an overflowing inotify queue): with none at
+    all, the periodic rescan still indexes a new file and prunes a removed one."""
+    from pipeline.config import load_config
+    from pipeline.metrics import Metrics
+    from pipeline.state import open_state
+    from pipeline.watch import Watcher
+
+    async def no_events(self: Watcher) -> None:
+        await asyncio.Event().wait()  # a feed that never reports anything
+
+    monkeypatch.setattr(Watcher, "_events", no_events)
+    config = project(tmp_path, server.url, settle_s=0)
+    config.write_text(config.read_text().replace("rescan_s: 600", "rescan_s: 0.2"))
+    cfg = load_config(config)
+    state = open_state(cfg.state, exclusive=True)
+    watcher = Watcher(cfg, state=state, metrics=Metrics())
+    task = asyncio.create_task(watcher.run(live=False))
+    try:
+        async with asyncio.timeout(60):
+            while state.counts() != {"indexed": 2}:  # the catch-up, once the copies settled
+                watcher.passed.clear()
+                await watcher.passed.wait()
+            caught_up = watcher.passes
+            docs = tmp_path / "docs"
+            shutil.copy(EXAMPLES / THIRD, docs / THIRD)
+            (docs / FIRST).unlink()
+            while state.get(THIRD) is None or state.get(FIRST) is not None:
+                watcher.passed.clear()
+                await watcher.passed.wait()
+        assert watcher.passes > caught_up and state.counts() == {"indexed": 2}
+    finally:
+        watcher.stop("SIGTERM")
+        assert await asyncio.wait_for(task, 60) == 143
+        state.close()
