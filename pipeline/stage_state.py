@@ -49,35 +49,6 @@ class StageView:
     unavailable_s: float = 0.0  # how long its server has been unavailable, now
 
 
-class _Stage:
-    def __init__(self, cfg: StageConfig, pool: Pool, inbox: Channel[Item], retry: RetryPolicy):
-        self.cfg = cfg
-        self.pool = pool
-        self.inbox = inbox
-        self.retry = retry
-        self.batch_size = pool.batch_size
-        linger_ms = cfg.linger_ms if cfg.linger_ms is not None else DEFAULT_LINGER_MS
-        self.linger = linger_ms / 1000 if pool.batch_size > 1 else 0.0
-        self.view = StageView(cfg.name, pool.kind, pool.size, capacity=inbox.capacity)
-        self.view.fused = tuple(f.name for f in cfg.fused)
-        self.limit = AdaptiveLimit(pool.size) if cfg.pool.adaptive else None
-        self.systemic = SystemicCheck(cfg.name)
-        # Coroutines driving the pool: a worker process gets its next document while
-        # it works on one, so it never waits a round trip for work.
-        self.drivers = pool.size * (2 if pool.kind == "process" else 1)
-        self.in_flight = 0
-        self.since = time.monotonic()
-
-    def depth(self) -> float:
-        return self.inbox.depth
-
-    def busy(self) -> float:
-        return self.view.busy
-
-    def allowed(self) -> float:
-        return self.limit.limit if self.limit is not None else self.pool.size
-
-
 class StageState:
     """One stage of a running pipeline."""
 
