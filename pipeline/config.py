@@ -289,7 +289,16 @@ class _Loader:
     def params(
         self, raw: Mapping[str, Any], at: KeyPath, cls: type[StageBase]
     ) -> Mapping[str, Any]:
-        """Check `with:` against cls.PARAMS, then cls.check for cross-key mistakes."""
+        """Check `with:` against cls.PARAMS, then cls.check for cross-key mistakes.
+
+        YAML reads a bare `off` as false: for a choice that includes "off" (`ocr:
+        off`), false means "off", as the person who wrote it meant."""
+        raw = {
+            name: "off"
+            if value is False and "off" in getattr(cls.PARAMS.get(name), "choices", ())
+            else value
+            for name, value in raw.items()
+        }
         values = self.section(raw, at, {name: param_key(p) for name, p in cls.PARAMS.items()})
         for name, param in cls.PARAMS.items():
             value = values[name]

@@ -563,3 +563,10 @@ def test_a_fusible_stage_on_a_thread_pool_stays_its_own_stage(tmp_path: Path) ->
     config = load_config(path, env={"EMBEDDING_API_KEY": "k"})
     assert [s.uses for s in config.stages][:2] == ["pdf.extract", "text.chunk"]
     assert config.stages[0].fused == ()
+
+
+def test_a_bare_off_in_yaml_means_off_for_a_choice_that_has_it(tmp_path: Path) -> None:
+    (tmp_path / "examples/pdfs").mkdir(parents=True)
+    text = REAL.replace("uses: pdf.extract", "uses: pdf.extract\n    with: {ocr: off}")
+    config = load_config(write(tmp_path, text), env={"EMBEDDING_API_KEY": "k"})
+    assert config.stages[0].params["ocr"] == "off"  # YAML 1.1 read `off` as false
