@@ -139,11 +139,14 @@ class Channel(Generic[T]):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            self._waiting_receivers += 1  # so that close() wakes a lingering reader too
             try:
                 async with asyncio.timeout(remaining):
                     await self._not_empty.wait()
             except TimeoutError:
                 break
+            finally:
+                self._waiting_receivers -= 1
             self._pop(taken, most)
         if self._items:
             self._not_empty.notify()

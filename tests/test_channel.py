@@ -60,3 +60,25 @@ async def test_close_wakes_waiting_readers_and_fails_waiting_senders() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match=">= 1"):
         Channel(0)
+
+
+async def test_a_lingering_reader_fills_its_batch_from_items_that_arrive_meanwhile() -> None:
+    channel: Channel[int] = Channel(100)
+    await channel.put(0)  # a lone item: the reader waits for more, not longer than its linger
+    reader = asyncio.create_task(channel.get_batch(4, linger=30.0))
+    second = asyncio.create_task(channel.get_batch(4, linger=30.0))  # waits its turn
+    await asyncio.sleep(0)
+    for n in (1, 2, 3, 4, 5):  # a burst arrives while it lingers
+        await channel.put(n)
+    async with asyncio.timeout(5):  # full long before the 30 s linger ends
+        assert await reader == [0, 1, 2, 3]
+    channel.close()
+    async with asyncio.timeout(5):
+        assert await second == [4, 5]  # closing ends the linger with what there is
+
+
+async def test_a_lingering_reader_sends_a_short_batch_when_its_linger_runs_out() -> None:
+    channel: Channel[int] = Channel(10)
+    await channel.put(7)
+    async with asyncio.timeout(5):
+        assert await channel.get_batch(4, linger=0.05) == [7]
