@@ -47,6 +47,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from pipeline.cpu import busy_seconds
+
 __all__ = [
     "ROOT",
     "BenchOptions",
@@ -100,12 +102,10 @@ def system_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy (all CPUs, from /proc/stat).
 
     Compared with a run's own CPU this shows load from outside the measured
-    processes (another test run on the same cores would skew the numbers).
+    processes (another test run on the same cores would skew the numbers). The
+    engine reads the same counters for its end-of-run hint (`pipeline.cpu`).
     """
-    with open("/proc/stat") as fh:
-        fields = [int(v) for v in fh.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+    return busy_seconds() or 0.0
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -67,3 +67,31 @@ def test_json_logs_are_one_object_per_line(project: Path) -> None:
     logged = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
     assert any(e["level"] == "info" and "started" in e["message"] for e in logged)
     assert all({"time", "level", "logger", "message"} <= set(e) for e in logged)
+
+
+async def test_search_waits_for_a_store_another_process_holds() -> None:
+    """`pipeline search` while a watcher's pass holds an embedded store: it waits
+    (`--wait`) instead of failing at once, and gives up after the wait."""
+    from pipeline.cli import _open_waiting
+    from pipeline.errors import InUseError
+    from pipeline.stage import Item, Stage
+
+    class Busy(Stage):
+        def __init__(self, busy_for: int) -> None:
+            super().__init__({}, name="store")
+            self.busy_for = busy_for
+            self.tries = 0
+
+        def open(self) -> None:
+            self.tries += 1
+            if self.tries <= self.busy_for:
+                raise InUseError("store in use by another run: q")
+
+        def process(self, items: list[Item]) -> list[Item]:
+            return items
+
+    freed = Busy(busy_for=2)
+    await _open_waiting(freed, 10.0)
+    assert freed.tries == 3
+    with pytest.raises(InUseError):
+        await _open_waiting(Busy(busy_for=10**6), 0.3)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,15 @@ def server() -> Iterator[EmbeddingServer]:
 
 
 @pytest.fixture
-def mounts() -> Iterator[list[Tmpfs]]:
+def mount(tmp_path: Path) -> Iterator[Callable[[int], Tmpfs]]:
+    """A tmpfs of the given size in MB at tmp_path/fs, unmounted after the test."""
     made: list[Tmpfs] = []
-    yield made
+
+    def make(size_mb: int) -> Tmpfs:
+        made.append(Tmpfs(tmp_path / "fs", size_mb))
+        return made[-1]
+
+    yield make
     for fs in made:
         fs.close()
 
@@ -110,10 +116,9 @@ def clean_run(
 
 
 def test_too_little_space_before_the_run_exits_3_before_anything_is_written(
-    tmp_path: Path, corpus: Path, server: EmbeddingServer, mounts: list[Tmpfs]
+    tmp_path: Path, corpus: Path, server: EmbeddingServer, mount: Callable[[int], Tmpfs]
 ) -> None:
-    fs = Tmpfs(tmp_path / "fs", 8)
-    mounts.append(fs)
+    fs = mount(8)
     config = project(
         tmp_path, corpus, server.url, state=fs.where / "s/state.db", store=fs.where / "q", free=16
     )
@@ -125,10 +130,9 @@ def test_too_little_space_before_the_run_exits_3_before_anything_is_written(
 
 
 def test_space_running_out_mid_run_stops_cleanly_and_the_rerun_matches_a_clean_run(
-    tmp_path: Path, corpus: Path, server: EmbeddingServer, mounts: list[Tmpfs]
+    tmp_path: Path, corpus: Path, server: EmbeddingServer, mount: Callable[[int], Tmpfs]
 ) -> None:
-    fs = Tmpfs(tmp_path / "fs", 40)
-    mounts.append(fs)
+    fs = mount(40)
     store = fs.where / "q"
     config = project(
         tmp_path / "p", corpus, server.url, state=fs.where / "s/state.db", store=store, free=24
@@ -144,10 +148,9 @@ def test_space_running_out_mid_run_stops_cleanly_and_the_rerun_matches_a_clean_r
 
 
 def test_a_full_state_database_stops_the_run_with_its_path_and_reason(
-    tmp_path: Path, corpus: Path, server: EmbeddingServer, mounts: list[Tmpfs]
+    tmp_path: Path, corpus: Path, server: EmbeddingServer, mount: Callable[[int], Tmpfs]
 ) -> None:
-    fs = Tmpfs(tmp_path / "fs", 1)  # room for the state of a few hundred documents
-    mounts.append(fs)
+    fs = mount(1)  # room for the state of a few hundred documents
     state = fs.where / "state.db"
     store = tmp_path / "q"
     config = project(tmp_path / "p", corpus, server.url, state=state, store=store, free=0)
@@ -162,10 +165,9 @@ def test_a_full_state_database_stops_the_run_with_its_path_and_reason(
 
 
 def test_a_read_only_filesystem_stops_the_run_with_its_path_and_reason(
-    tmp_path: Path, corpus: Path, server: EmbeddingServer, mounts: list[Tmpfs]
+    tmp_path: Path, corpus: Path, server: EmbeddingServer, mount: Callable[[int], Tmpfs]
 ) -> None:
-    fs = Tmpfs(tmp_path / "fs", 128)
-    mounts.append(fs)
+    fs = mount(128)
     store = fs.where / "q"
     config = project(
         tmp_path / "p", corpus, server.url, state=fs.where / "state.db", store=store, free=0
@@ -183,10 +185,9 @@ def test_a_read_only_filesystem_stops_the_run_with_its_path_and_reason(
 
 
 def test_a_watcher_pauses_on_a_full_disk_and_resumes_when_space_returns(
-    tmp_path: Path, corpus: Path, server: EmbeddingServer, mounts: list[Tmpfs]
+    tmp_path: Path, corpus: Path, server: EmbeddingServer, mount: Callable[[int], Tmpfs]
 ) -> None:
-    fs = Tmpfs(tmp_path / "fs", 40)
-    mounts.append(fs)
+    fs = mount(40)
     store = fs.where / "q"
     config = project(
         tmp_path / "p", corpus, server.url, state=fs.where / "s/state.db", store=store, free=24
