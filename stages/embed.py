@@ -206,7 +206,8 @@ class Embed(AsyncStage):
                 raise PermanentError(f"{item.doc}: item has no text to embed", reason="no_text")
             texts.append(text)
         vectors = await self._embed(texts)
-        if self._window is not None and self._window.count(texts) and self._window.over == 1:
+        over = self._window.count(texts) if self._window is not None else 0
+        if over and self._window is not None and self._window.over == over:  # the first ones
             logger.warning(
                 "%s: chunks longer than %s's %d-token input window are cut by the model; "
                 "how many is said at the end of the run",

@@ -359,6 +359,23 @@ async def test_the_window_the_server_reports_counts_the_chunks_the_model_cuts() 
     assert "reported by the server" in note
 
 
+async def test_the_first_chunks_over_the_window_are_warned_about_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    long = "a much longer text " * 10
+    with CapacityServer(per_text_s=0.0, max_input_tokens=16) as server:
+        stage = make_stage(server.url)
+        await stage.open()
+        try:
+            with caplog.at_level(logging.WARNING, logger="stages.embed"):
+                await stage.process(chunks(long, long, "short"))  # two at once, then more
+                await stage.process(chunks(long))
+        finally:
+            await stage.close()
+    warned = [r for r in caplog.records if "input window" in r.getMessage()]
+    assert len(warned) == 1 and "16-token input window" in warned[0].getMessage()
+
+
 async def test_an_item_without_text_is_permanent(faulty: Embed) -> None:
     with pytest.raises(PermanentError):
         await faulty.process([Item("a.pdf", {"path": "a.pdf"})])
