@@ -15,12 +15,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import ConfigError, FatalError, InUseError
 from pipeline.outcome import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 from pipeline.stage import AsyncStage, QueryEmbedder, Searcher, Stage
+from pipeline.vector_space import check_space
 
 __all__ = ["main"]
 
@@ -234,12 +235,14 @@ async def _open_waiting(store: Stage, wait_s: float) -> None:
 
 
 async def _search(config: PipelineConfig, query: str, k: int, wait_s: float) -> list[Any]:
-    """Embed the query with the pipeline's own embedder, ask the pipeline's own store."""
-    embedder = searcher = None
+    """Embed the query with the pipeline's own embedder, ask the pipeline's own store,
+    once sure the store's collection was built by that embedder's model."""
+    embedder: Stage | AsyncStage | None = None
+    searcher: Stage | None = None
     for cfg in config.stages:
         stage = cfg.cls(cfg.params, name=cfg.name, concurrency=1)
-        if embedder is None and isinstance(stage, AsyncStage) and isinstance(stage, QueryEmbedder):
-            embedder = stage
+        if embedder is None and isinstance(stage, Stage | AsyncStage):
+            embedder = stage if isinstance(stage, QueryEmbedder) else None
         if searcher is None and isinstance(stage, Stage) and isinstance(stage, Searcher):
             searcher = stage
     if embedder is None or searcher is None:
@@ -249,16 +252,29 @@ async def _search(config: PipelineConfig, query: str, k: int, wait_s: float) -> 
             "an embedding stage and a store stage to search with",
             show_got=False,
         )
-    await embedder.open()
-    try:
-        vector = (await embedder.embed_texts([query]))[0]
-    finally:
-        await embedder.close()
     await _open_waiting(searcher, wait_s)
     try:
-        return list(searcher.search(vector, limit=k))
+        check_space(config, {embedder.name: embedder, searcher.name: searcher})
+        vector = await _embed_query(embedder, query)
+        return list(cast(Searcher, searcher).search(vector, limit=k))
     finally:
         searcher.close()
+
+
+async def _embed_query(embedder: Stage | AsyncStage, query: str) -> list[float]:
+    """The query's vector from an API stage (async) or an in-process model (blocking)."""
+    if isinstance(embedder, AsyncStage):
+        await embedder.open()
+        try:
+            vectors = embedder.embed_texts([query])  # type: ignore[attr-defined]
+            return list((await vectors)[0])
+        finally:
+            await embedder.close()
+    await asyncio.to_thread(embedder.open)
+    try:
+        return list((await asyncio.to_thread(embedder.embed_texts, [query]))[0])  # type: ignore[attr-defined]
+    finally:
+        embedder.close()
 
 
 # -- inspection --------------------------------------------------------------------

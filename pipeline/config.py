@@ -306,6 +306,8 @@ class _Loader:
                 continue
             if param.type == "path":
                 values[name] = self.resolve_path(value)
+            elif param.type == "model" and self.resolve_path(value).is_dir():
+                values[name] = str(self.resolve_path(value))
             elif param.type == "env" and value not in self.env:
                 expected = f"the name of a set environment variable, {value} is not set"
                 raise self.fail((*at, name), expected, show_got=False)

@@ -48,6 +48,7 @@ class RunOutcome:
     failure_examples: dict[str, list[str]] = field(default_factory=dict)
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM"
     fatal: str | None = None
+    config_error: bool = False  # the fatal error is a config mistake found on opening
     walk_complete: bool = False
     walk_errors: int = 0  # folders that could not be read: no pruning after such a walk
     notes: list[str] = field(default_factory=list)  # said once at the end, by stages
@@ -72,7 +73,7 @@ class RunOutcome:
     @property
     def exit_code(self) -> int:
         if self.fatal is not None:
-            return EXIT_FATAL
+            return EXIT_CONFIG if self.config_error else EXIT_FATAL
         if self.stopped_by is not None:
             return EXIT_SIGNAL.get(self.stopped_by, EXIT_FAILED)
         return EXIT_FAILED if self.failed else EXIT_OK

@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import resource
 import signal
+from collections import Counter
 from collections.abc import Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
@@ -53,8 +54,9 @@ class Pool(Protocol):
         """Pages that fused stages consumed inside the workers since the last call."""
 
     @property
-    def stage(self) -> StageBase | None:
-        """The stage's copy in this process, if it runs here (not on worker processes)."""
+    def stage(self) -> StageBase:
+        """The engine's copy of the stage: the working one on thread and async pools,
+        on a process pool an unopened copy that adds up what the workers counted."""
 
     async def open(self) -> None: ...
     async def run(self, items: list[Item]) -> list[Item]: ...
@@ -81,11 +83,11 @@ def open_pool(
     stage = cls(params, name=name, concurrency=size)  # cheap by contract: no I/O before open()
     if kind == "process":
         return ProcessPool(
+            stage,
             chain=[StageSpec(uses, name, dict(params)), *fused],
             size=size,
             timeout_s=timeout_s,
             memory_mb=memory_mb,
-            batch_size=stage.batch_size,
         )
     if kind == "thread":
         if not isinstance(stage, Stage):
@@ -175,23 +177,25 @@ class ProcessPool:
 
     def __init__(
         self,
+        stage: StageBase,
         *,
         chain: Sequence[StageSpec],
         size: int,
         timeout_s: float | None,
         memory_mb: int | None,
-        batch_size: int,
     ) -> None:
         self.size = size
-        self.batch_size = batch_size
+        self.batch_size = stage.batch_size
         self.pages = 0
-        self.stage: StageBase | None = None  # each worker process holds its own copy
+        # Never opened: each worker process holds its own working copy. This one adds
+        # up the counts the workers send back, for metrics, the report and notes().
+        self.stage: StageBase = stage
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
         self._pool = pebble.ProcessPool(
             max_workers=size,
             initializer=_worker_init,
-            initargs=(list(chain), memory_mb),
+            initargs=(list(chain), size, memory_mb),
             context=multiprocessing.get_context("forkserver"),
         )
 
@@ -205,7 +209,9 @@ class ProcessPool:
     async def run(self, items: list[Item]) -> list[Item]:
         future = self._pool.schedule(_worker_process, args=(items,), timeout=self._timeout_s)
         try:
-            result: tuple[list[Item], int] = await asyncio.wrap_future(future)
+            result: tuple[list[Item], int, Counter[tuple[str, str]]] = await asyncio.wrap_future(
+                future
+            )
         except TimeoutError:
             raise _timed_out(self._timeout_s or 0) from None
         except pebble.ProcessExpired as died:
@@ -216,8 +222,9 @@ class ProcessPool:
             raise PermanentError(
                 f"worker ran out of memory (memory_mb: {self._memory_mb})", reason="out_of_memory"
             ) from None
-        items, pages = result
+        items, pages, counts = result
         self.pages += pages
+        self.stage.counts.update(counts)
         return items
 
     async def discard(self, docs: Sequence[str]) -> None:
@@ -242,7 +249,7 @@ def _exit_reason(code: int | None) -> str:
 _worker_chain: list[Stage] = []
 
 
-def _worker_init(chain: list[StageSpec], memory_mb: int | None) -> None:
+def _worker_init(chain: list[StageSpec], workers: int, memory_mb: int | None) -> None:
     """Build the stages in the worker; cap its memory so a ballooning PDF fails alone."""
     # Ctrl-C reaches the whole process group; the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -250,16 +257,17 @@ def _worker_init(chain: list[StageSpec], memory_mb: int | None) -> None:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     for spec in chain:
-        stage = registry.resolve(spec.uses)(spec.params, name=spec.name, concurrency=1)
+        stage = registry.resolve(spec.uses)(spec.params, name=spec.name, concurrency=workers)
         if not isinstance(stage, Stage):
             raise TypeError(f"{spec.uses} is not a blocking stage and cannot run on a process pool")
         stage.open()
         _worker_chain.append(stage)
 
 
-def _worker_process(items: list[Item]) -> tuple[list[Item], int]:
-    """Run the chain on `items`: the outputs of the last stage, and the pages that the
-    fused stages consumed (the engine counts pages from the `pages` field)."""
+def _worker_process(items: list[Item]) -> tuple[list[Item], int, Counter[tuple[str, str]]]:
+    """Run the chain on `items`: the outputs of the last stage, the pages that the
+    fused stages consumed (the engine counts pages from the `pages` field), and what
+    the first stage counted since the last call that returned."""
     if not _worker_chain:
         raise RuntimeError("worker used before its initializer ran")
     first, *fused = _worker_chain
@@ -276,4 +284,5 @@ def _worker_process(items: list[Item]) -> tuple[list[Item], int]:
             error = PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
             error.stage = stage.name
             raise error from exc
-    return out, pages
+    counts, first.counts = first.counts, Counter()
+    return out, pages, counts

@@ -37,7 +37,7 @@ from pipeline.channel import Channel
 from pipeline.config import PipelineConfig, cpu_count
 from pipeline.cpu import busy_seconds
 from pipeline.disk import CHECK_EVERY_S, low_space, written_paths
-from pipeline.errors import FatalError, StageError, TransientError
+from pipeline.errors import ConfigError, FatalError, StageError, TransientError
 from pipeline.intake import Intake
 from pipeline.ledger import Finished, Ledger
 from pipeline.limit import Permit
@@ -49,6 +49,7 @@ from pipeline.stage import Item
 from pipeline.stage_state import StageState, StageView
 from pipeline.state import RunState
 from pipeline.systemic import Failures
+from pipeline.vector_space import check_space
 
 __all__ = ["Runner"]
 
@@ -191,6 +192,9 @@ class Runner:
                 await self._prune(run_id)
         except FatalError as exc:
             self.outcome.fatal = str(exc)
+        except ConfigError as exc:  # found once the stages were open: still before any work
+            self.outcome.fatal = str(exc)
+            self.outcome.config_error = True
         finally:
             disk.cancel()
             self.outcome.interrupted += len(self.ledger)
@@ -248,14 +252,13 @@ class Runner:
                 busy=st.busy,
                 limit=st.allowed,
             )
-            if pool.stage is not None:
-                self.metrics.watch_counters(pool.stage)
+            self.metrics.watch_counters(pool.stage)
             await pool.open()
+        check_space(self.config, {st.cfg.name: st.pool.stage for st in self._stages})
 
     async def _close_stages(self) -> None:
         for st in self._stages:
-            if st.pool.stage is not None:
-                self.outcome.notes += [f"{st.cfg.name}: {note}" for note in st.pool.stage.notes()]
+            self.outcome.notes += [f"{st.cfg.name}: {note}" for note in st.pool.stage.notes()]
             try:
                 await st.pool.close()
             except Exception:  # noqa: BLE001 - closing must reach every pool; recorded

@@ -295,6 +295,7 @@ def param_key(param: Param) -> Key:
         "url": URL,
         "env": ENV_NAME,
         "path": text("a path"),
+        "model": text("a model name or folder"),
     }
     return Key(
         choice(param.choices) if param.choices else rules[param.type],

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 PoolKind = Literal["process", "thread", "async"]
-ParamType = Literal["int", "float", "str", "bool", "url", "env", "path"]
+ParamType = Literal["int", "float", "str", "bool", "url", "env", "path", "model"]
 
 
 class _Required:
@@ -68,7 +68,8 @@ class Param:
     """One `with:` parameter: what the config loader checks and the JSON Schema shows.
 
     `env` is the name of an environment variable (checked to be set, its value
-    never read by the loader); `path` resolves against the config file's folder.
+    never read by the loader); `path` resolves against the config file's folder;
+    `model` is a model's name, or a folder that resolves like a path when it exists.
     """
 
     type: ParamType
@@ -94,8 +95,8 @@ class StageBase:
     POOLS: ClassVar[tuple[PoolKind, ...]] = ("thread",)  # the first is the default
     DEFAULT_SIZE: ClassVar[int | Literal["auto"]] = 1
     # Counters the stage keeps about its own work, exported as Prometheus metrics
-    # `pipeline_<name>_total{stage, <label>}`: name -> (label, help). Only stages
-    # running in the engine's process (thread and async pools) are exported.
+    # `pipeline_<name>_total{stage, <label>}`: name -> (label, help). A worker
+    # process sends its counts back with each call's results.
     COUNTERS: ClassVar[Mapping[str, tuple[str, str]]] = {}
     # Cheap, stateless per item: on a process pool right after another process-pool
     # stage, it runs inside that stage's workers (see pipeline.fusion).
@@ -104,7 +105,9 @@ class StageBase:
     def __init__(self, params: Mapping[str, Any], *, name: str, concurrency: int = 1) -> None:
         self.params = dict(params)  # validated by the config loader, defaults filled in
         self.name = name
-        self.concurrency = concurrency  # copies of `process` that may run at once here
+        # Copies of `process` that run at once in this stage's pool: threads and
+        # coroutines share one copy, each worker process has its own.
+        self.concurrency = concurrency
         self.counts: Counter[tuple[str, str]] = Counter()  # (counter, label value) -> n
 
     def increment(self, counter: str, label: str) -> None:
@@ -124,8 +127,13 @@ class StageBase:
 
     def notes(self) -> list[str]:
         """What the run should tell its user once, at the end (e.g. how many chunks were
-        longer than the model's window). Asked of stages in the engine's process."""
+        longer than the model's window). Asked of the engine's own copy, whose `counts`
+        include those of worker processes."""
         return []
+
+    def placement(self) -> str:
+        """Where the work runs beyond the pool (a device, threads), for `pipeline validate`."""
+        return ""
 
 
 class Stage(StageBase, ABC):
@@ -186,9 +194,10 @@ class Hit:
 
 @runtime_checkable
 class QueryEmbedder(Protocol):
-    """A stage that can embed a query the same way it embeds chunks."""
+    """A stage that can embed a query the same way it embeds chunks: a coroutine on
+    an AsyncStage (an API), a blocking call on a Stage (a model in this process)."""
 
-    async def embed_texts(self, texts: list[str]) -> list[list[float]]: ...
+    def embed_texts(self, texts: list[str]) -> Any: ...
 
 
 @runtime_checkable

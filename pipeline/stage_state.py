@@ -105,9 +105,8 @@ class StageState:
         view.depth = self.inbox.depth
         view.full_seconds = self.inbox.full_seconds()
         view.unavailable_s = self.retry.breaker.open_seconds()
-        if self.pool.stage is not None:
-            counts = self.pool.stage.counts
-            view.counters = {f"{name}:{label}": n for (name, label), n in counts.items()}
+        counts = self.pool.stage.counts
+        view.counters = {f"{name}:{label}": n for (name, label), n in counts.items()}
         if self.limit is not None:
             view.limit = self.limit.limit
             view.limit_stats = self.limit.stats()

@@ -47,10 +47,11 @@ def print_graph(config: PipelineConfig) -> None:
     for column in ("stage", "uses", "pool", "workers", "queue", "batch", "timeout_s"):
         table.add_column(column)
     for st in config.stages:
+        placement = st.cls(st.params, name=st.name, concurrency=st.pool.size).placement()
         table.add_row(
             st.name,
             st.uses,
-            st.pool.kind,
+            f"{st.pool.kind}: {placement}" if placement else st.pool.kind,
             f"up to {st.pool.size}, adaptive" if st.pool.adaptive else str(st.pool.size),
             str(st.queue),
             str(st.params.get("batch", 1)),

@@ -147,6 +147,11 @@ class Embed(AsyncStage):
     def batch_size(self) -> int:
         return int(self.params.get("batch", 64))
 
+    @property
+    def model_name(self) -> str:
+        """The model as pipeline.yaml names it; recorded with the collection."""
+        return self._model
+
     def __repr__(self) -> str:
         return f"Embed(name={self.name!r}, url={self._endpoint!r}, model={self._model!r})"
 
@@ -216,7 +221,7 @@ class Embed(AsyncStage):
                 self._window.window,
             )
         return [
-            Item(item.doc, {**item.data, "vector": vector})
+            Item(item.doc, {**item.data, "vector": vector, "model": self._model})
             for item, vector in zip(items, vectors, strict=True)
         ]
 

@@ -110,14 +110,15 @@ def estimate_tokens(text: str) -> int:
 class WindowCounter:
     """Counts the texts longer than a window, and what chunk size would fit."""
 
-    def __init__(self, window: int, *, model: str, source: str) -> None:
+    def __init__(self, window: int, *, model: str, source: str, estimated: bool = True) -> None:
         self.window = window
         self.model = model
         self.source = source  # where the window came from, for the note
+        self.estimated = estimated  # False when a real tokenizer counted (local models)
         self.texts = 0
         self.over = 0
-        self._chars = 0
-        self._tokens = 0
+        self.chars = 0  # of the texts longer than the window in characters
+        self.tokens = 0  # ... and their tokens, for the characters-per-token ratio
 
     def count(self, texts: list[str]) -> int:
         """Count a request's texts; returns how many of them were over the window."""
@@ -127,16 +128,28 @@ class WindowCounter:
             if len(text) <= self.window - _SPECIAL_TOKENS:
                 continue
             tokens = estimate_tokens(text)
-            self._chars += len(text)
-            self._tokens += tokens
+            self.chars += len(text)
+            self.tokens += tokens
             if tokens > self.window:
                 over += 1
         self.over += over
         return over
 
+    def count_exact(self, texts: list[str], tokens: list[int]) -> int:
+        """Count texts whose token counts a real tokenizer gave; returns how many were over."""
+        over = 0
+        for text, n in zip(texts, tokens, strict=True):
+            self.texts += 1
+            if n > self.window:
+                over += 1
+                self.chars += len(text)
+                self.tokens += n
+        self.over += over
+        return over
+
     def fitting_size(self) -> int:
         """Characters per chunk that fit the window with a 10% margin, by the texts seen."""
-        per_token = self._chars / self._tokens if self._tokens else 4.0
+        per_token = self.chars / self.tokens if self.tokens else 4.0
         size = (self.window - _SPECIAL_TOKENS) * per_token * 0.9
         return max(50, int(size // 50 * 50))
 
@@ -146,8 +159,9 @@ class WindowCounter:
             return None
         return (
             f"{self.over} of {self.texts} chunks ({self.over / self.texts:.0%}) were longer "
-            f"than {self.model}'s input window of {self.window} tokens ({self.source}; "
-            "estimated) and were cut by the model: their ends are not searchable. "
+            f"than {self.model}'s input window of {self.window} tokens ({self.source}"
+            f"{'; estimated' if self.estimated else ''}) and were cut by the model: their "
+            "ends are not searchable. "
             f"Chunks of at most {self.fitting_size()} characters fit "
             "(text.chunk `size`, with `overlap` below it)"
         )

@@ -32,6 +32,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.stage import Hit, Item, Param, ParamProblem, PoolKind, Stage
+from pipeline.vector_space import same_model
 
 __all__ = ["Upsert", "point_id"]
 
@@ -39,8 +40,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NAMESPACE = uuid.UUID("6f1d3c52-64a4-4c43-9d55-8f3b1c2e7a90")  # fixed: ids must survive reruns
-_NOT_STORED = ("vector", "file")  # the vector goes in the point itself; "file" is this host's path
+# The vector goes in the point itself, "file" is this host's path, and "model" is
+# recorded once for the whole collection (pipeline.vector_space).
+_NOT_STORED = ("vector", "file", "model")
 _PAGE = 1024
+_MODEL_KEY = "pipeline_model"  # in a server collection's metadata
 
 
 def point_id(doc: str, chunk: int) -> str:
@@ -60,6 +64,8 @@ class _Engine(Protocol):
     def search(self, vector: Sequence[float], limit: int) -> list[tuple[float, dict[str, Any]]]: ...
     def count(self) -> int: ...
     def points(self) -> dict[str, tuple[list[float], dict[str, Any]]]: ...
+    def recorded_model(self) -> str | None: ...
+    def record_model(self, model: str, dimension: int) -> None: ...
     def optimize(self) -> None: ...
     def close(self) -> None: ...
 
@@ -108,6 +114,7 @@ class Upsert(Stage):
             self.params.setdefault(key, param.default)
         self._lock = threading.Lock()
         self._engine: _Engine | None = None
+        self._model: str | None = None  # recorded with the collection, once known
 
     @classmethod
     def check(cls, params: Mapping[str, Any]) -> list[ParamProblem]:
@@ -135,19 +142,44 @@ class Upsert(Stage):
         """Upsert all `items` as one batch; returns them without their vectors."""
         if not items:
             return items
-        ids, vectors, payloads = [], [], []
+        ids, vectors, payloads, models = [], [], [], set()
         for item in items:
             if "vector" not in item.data or "chunk" not in item.data:
                 raise PermanentError(f"{item.doc}: item has no vector or chunk", reason="no_vector")
             ids.append(point_id(item.doc, int(item.data["chunk"])))
             vectors.append(item.data["vector"])
+            models.add(item.data.get("model"))
             payload = {k: v for k, v in item.data.items() if k not in _NOT_STORED}
             payloads.append({**payload, "path": item.doc})  # the key discard() matches
         with self._lock:
-            self._opened().upsert(ids, vectors, payloads)
+            engine = self._opened()
+            engine.upsert(ids, vectors, payloads)
+            self._record(engine, models - {None}, len(vectors[0]))
         for item in items:
             del item.data["vector"]  # stored; downstream needs only the fields
         return items
+
+    def _record(self, engine: _Engine, models: set[Any], dimension: int) -> None:
+        """Record the model that built the collection, on its first points; refuse
+        another (the engine checks before a run; this catches what it could not)."""
+        for model in models:
+            if self._model is None:
+                self._model = engine.recorded_model()
+            if self._model is None:
+                engine.record_model(str(model), dimension)
+                self._model = str(model)
+            elif not same_model(self._model, str(model)):
+                raise FatalError(
+                    f"{self.name}: the collection was built with model {self._model!r}; "
+                    f"refusing vectors of {model!r} (vectors of two models do not compare)"
+                )
+
+    def recorded_model(self) -> str | None:
+        """The model that built the collection (pipeline.vector_space); None if new."""
+        with self._lock:
+            if self._model is None:
+                self._model = self._opened().recorded_model()
+            return self._model
 
     def discard(self, docs: Sequence[str]) -> None:
         """Delete every point of `docs`; a no-op while the store does not exist."""
@@ -280,6 +312,17 @@ class _ClientEngine:
 
     def points(self) -> dict[str, tuple[list[float], dict[str, Any]]]:
         return self._call(self._scroll_all)
+
+    def recorded_model(self) -> str | None:
+        if not self._call(self._exists):
+            return None
+        config = self._call(lambda: self._client.get_collection(self._collection)).config
+        model = (config.metadata or {}).get(_MODEL_KEY)
+        return str(model) if model is not None else None
+
+    def record_model(self, model: str, dimension: int) -> None:
+        record = {_MODEL_KEY: model, "pipeline_dimension": dimension}
+        self._call(lambda: self._client.update_collection(self._collection, metadata=record))
 
     def optimize(self) -> None:
         """Servers optimise on their own; local mode has nothing to optimise."""

@@ -17,6 +17,8 @@ known; until then deletes, searches and counts see an empty store. Not thread-sa
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +35,7 @@ T = TypeVar("T")
 
 _DISTANCES = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot, "euclid": qe.Distance.Euclid}
 _CONFIG_FILE = "edge_config.json"  # written by EdgeShard.create: its presence means "load me"
+_MODEL_FILE = "pipeline_model.json"  # which model built the shard (pipeline.vector_space)
 _LOCKED = "WouldBlock"  # the WAL lock is taken; Edge says so only in the message
 _PAGE = 1024
 
@@ -97,6 +100,30 @@ class EdgeEngine:
     def points(self) -> dict[str, tuple[list[float], dict[str, Any]]]:
         """Every point as id -> (vector, payload), scrolling in pages; O(n), for tests."""
         return self._call("scroll", self._scroll_all)
+
+    def recorded_model(self) -> str | None:
+        """The model recorded as having built the shard, if any."""
+        try:
+            record = json.loads((self.folder / _MODEL_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise FatalError(f"cannot read {self.folder / _MODEL_FILE}: {exc}") from exc
+        model = record.get("model") if isinstance(record, dict) else None
+        return str(model) if model is not None else None
+
+    def record_model(self, model: str, dimension: int) -> None:
+        """Record the model beside the shard; written whole (renamed into place) or not at all."""
+        target = self.folder / _MODEL_FILE
+        scratch = target.with_suffix(".tmp")
+        try:
+            with scratch.open("w", encoding="utf-8") as out:
+                json.dump({"model": model, "dimension": dimension}, out)
+                out.flush()
+                os.fsync(out.fileno())
+            scratch.replace(target)
+        except OSError as exc:
+            raise FatalError(f"cannot record the model in {target}: {exc}") from exc
 
     def optimize(self) -> None:
         """Merge segments and build the HNSW index; slow, so never called per batch."""
