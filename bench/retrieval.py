@@ -23,7 +23,8 @@ The models:
   temporary folder, never downloaded).
 
 `evaluate()` is importable: `tests/test_retrieval.py` uses it to check that
-MiniLM clears the floor and the hashing model does not.
+MiniLM reaches `HIT3_FLOOR` and the hashing model does not (so the floor means
+something). With 7 files, a random ranking scores hit@3 = 3/7 on average.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "CHUNK_OVERLAP",
     "CHUNK_SIZE",
     "CORPUS",
+    "HIT3_FLOOR",
     "QUESTIONS",
     "Embed",
     "Score",
@@ -66,7 +68,7 @@ CORPUS = ROOT / "examples" / "pdfs"
 QUESTIONS = Path(__file__).resolve().with_name("questions.tsv")
 CHUNK_SIZE = 800
 CHUNK_OVERLAP = 150
-MINILM = "all-MiniLM-L6-v2"
+HIT3_FLOOR = 0.8  # what a real embedding model must reach; the hashing model stays below
 
 Embed = Callable[[list[str]], npt.NDArray[np.floating]]
 
@@ -209,14 +211,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "chunks": len(chunks),
             "chunk_size": CHUNK_SIZE,
             "chunk_overlap": CHUNK_OVERLAP,
+            "hit3_floor": HIT3_FLOOR,
             "results": [{"model": m, "seconds": round(s, 2), **asdict(sc)} for m, sc, s in results],
         }
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{len(questions)} questions, {len(chunks)} chunks ({CHUNK_SIZE}/{CHUNK_OVERLAP})")
-    print(f"{'model':8}{'hit@1':>8}{'hit@3':>8}{'n':>5}{'seconds':>9}")
+    print(
+        f"{len(questions)} questions, {len(chunks)} chunks (size {CHUNK_SIZE}, overlap "
+        f"{CHUNK_OVERLAP}); the test's floor: hit@3 >= {HIT3_FLOOR}"
+    )
+    print(f"{'model':8}{'hit@1':>8}{'hit@3':>8}{'n':>5}{'seconds':>9}  floor")
     for name, score, seconds in results:
-        print(_row(name, score, seconds))
+        print(f"{_row(name, score, seconds)}  {'pass' if score.hit3 >= HIT3_FLOOR else 'FAIL'}")
     for name, score, _ in results:
         if score.misses:
             print(f"\n{name}: not ranked first")

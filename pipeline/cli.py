@@ -92,9 +92,20 @@ def _parser() -> argparse.ArgumentParser:
     p = command("optimize", _cmd_optimize, "Compact and index the store (slow; not during a run).")
     config_arg(p)
     command("schema", _cmd_schema, "Print the JSON Schema of pipeline.yaml.")
-    p = command("serve-embeddings", _cmd_serve, "Serve the builtin embedding API.")
+    p = command(
+        "serve-embeddings",
+        _cmd_serve,
+        "Serve an OpenAI-compatible embedding API: a local model, or the hash model.",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--model",
+        help="a sentence-transformers model name or folder, on this machine (needs the local "
+        "extra); default: hash-384, which matches words, not meaning (tests, benchmarks)",
+    )
+    p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay every reply")
     return parser
 
@@ -362,5 +373,13 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The builtin server ships with the stages; the engine only starts it.
     server = importlib.import_module("stages.embed_server")
-    server.serve(host=args.host, port=args.port, latency_s=args.latency_ms / 1000)
+    model = None
+    if args.model is not None:
+        served = importlib.import_module("stages.served_model")
+        local = importlib.import_module("stages.local_model")
+        try:
+            model = served.SentenceModel(args.model, device=args.device, threads=args.threads)
+        except (local.ModelNotFound, ImportError) as exc:
+            raise ConfigError("command line", "--model", str(exc), got=args.model) from exc
+    server.serve(host=args.host, port=args.port, latency_s=args.latency_ms / 1000, model=model)
     return EXIT_OK

@@ -46,12 +46,15 @@ def print_graph(config: PipelineConfig) -> None:
     table = Table(title=f"{config.file}: source {config.source.path} ({config.source.glob})")
     for column in ("stage", "uses", "pool", "workers", "queue", "batch", "timeout_s"):
         table.add_column(column)
+    placements = []
     for st in config.stages:
         placement = st.cls(st.params, name=st.name, concurrency=st.pool.size).placement()
+        if placement:
+            placements.append(f"{st.name}: {placement}")
         table.add_row(
             st.name,
             st.uses,
-            f"{st.pool.kind}: {placement}" if placement else st.pool.kind,
+            st.pool.kind,
             f"up to {st.pool.size}, adaptive" if st.pool.adaptive else str(st.pool.size),
             str(st.queue),
             str(st.params.get("batch", 1)),
@@ -60,6 +63,8 @@ def print_graph(config: PipelineConfig) -> None:
         for fused in st.fused:
             table.add_row(fused.name, fused.uses, f"in {st.name}'s workers", "-", "-", "-", "-")
     _out().print(table)
+    for line in placements:
+        _out().print(line)
     _out().print(f"state: {config.state}")
 
 

@@ -149,10 +149,15 @@ class Chunk(Stage):
     """Emit one item per chunk of a document's `pages`."""
 
     PARAMS: ClassVar[Mapping[str, Param]] = {
-        "size": Param("int", default=1200, minimum=1, doc="Maximum characters per chunk."),
+        "size": Param(
+            "int",
+            default=800,
+            minimum=1,
+            doc="Maximum characters per chunk; 800 fits all-MiniLM-L6-v2's 256 tokens in English.",
+        ),
         "overlap": Param(
             "int",
-            default=200,
+            default=150,
             minimum=0,
             doc="Characters each chunk repeats from the end of the one before; below size.",
         ),

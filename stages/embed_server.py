@@ -1,16 +1,15 @@
 """The builtin OpenAI-compatible embedding server: `pipeline serve-embeddings`.
 
-It needs no model, so the pipeline can be run, tested and benchmarked end to end
-on any machine. A text becomes the signed-hashing sketch of its lowercased word
-unigrams and byte 3-grams in 384 dimensions, L2-normalised: a query shares
-direction with the chunks that share its words (and, more weakly, its word
-fragments), which is enough for `pipeline search` to find something sensible.
+With `--model all-MiniLM-L6-v2` (or any sentence-transformers model on this
+machine, see `stages.local_model`) it serves that model, batching the requests
+that arrive together (`stages.served_model`): one model box can feed many
+pipelines through their unchanged `openai.embed` stage. It answers only to the
+name of the model it serves (`/v1/models` lists it, with its window), so a
+pipeline naming another model gets a 404 instead of vectors from the wrong one.
 
-Speed matters more than quality here, because during a benchmark this server
-competes with the pipeline for the same cores: every n-gram is hashed with numpy
-over the whole batch at once (a polynomial hash from prefix sums, then a
-splitmix64 finaliser), never in a Python loop per n-gram. Hashes use fixed
-constants, not `hash()`, so vectors are the same in every process and run.
+Without `--model` it serves `hash-384`, which needs no model, so the pipeline can
+be run, tested and benchmarked end to end on any machine: it finds chunks that
+share a query's words, not its meaning (`stages.hash_model`).
 
 The HTTP side is the stdlib's `ThreadingHTTPServer`: one thread per keep-alive
 connection, which serves 64+ concurrent clients and lets the artificial
@@ -26,7 +25,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
@@ -35,6 +34,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import numpy.typing as npt
+
+from pipeline.vector_space import same_model
+from stages.hash_model import DIMS, MODEL_NAME, embed_texts
+from stages.served_model import HashModel, ServedModel, UnsupportedDimensions
 
 __all__ = [
     "DIMS",
@@ -53,109 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DIMS = 384
-MODEL_NAME = "hash-384"
 IDLE_TIMEOUT_S = 120.0  # longer than any client's keep-alive expiry, so clients close first
-
-_WORD_WEIGHT = 1.0  # a shared word counts as much as ~4 shared 3-grams: words carry meaning
-_GRAM_WEIGHT = 0.25
-_BASE = np.uint64(0x100000001B3)  # odd, so invertible modulo 2**64
-_BASE_INV = np.uint64(pow(0x100000001B3, -1, 2**64))
-_WORD_SALT = np.uint64(0x5851F42D4C957F2D)  # keeps a word and a 3-gram of the same bytes apart
-_GRAM_SALT = np.uint64(0x14057B7EF767814F)
-_SPACE = 32
-# Bytes that belong to words: ASCII letters and digits, and every non-ASCII byte
-# (so accented and non-Latin letters stay in their words). Everything else is a gap.
-_IS_WORD = np.isin(np.arange(256), [*range(48, 58), *range(65, 91), *range(97, 123)]) | (
-    np.arange(256) >= 128
-)
-
-
-def embed_texts(texts: Sequence[str], *, dims: int = DIMS) -> npt.NDArray[np.float32]:
-    """Embed `texts` as an (n, dims) float32 array of unit rows (zero rows for texts
-    without a word byte).
-
-    `dims` below 384 truncates the 384-dimension vector and renormalises it, as
-    the OpenAI API does for its `dimensions` parameter. Raises ValueError for a
-    `dims` outside 1..384.
-    """
-    if not 1 <= dims <= DIMS:
-        raise ValueError(f"dims must be in 1..{DIMS}, got {dims}")
-    count = len(texts)
-    if count == 0:
-        return np.zeros((0, dims), dtype=np.float32)
-    encoded = [f" {text.lower()} ".encode("utf-8", "replace") for text in texts]
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=count)
-    raw = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    owner = np.repeat(np.arange(count, dtype=np.int64), lengths)
-    # Gaps become one space: keep a gap byte only right after a word byte or at
-    # the start of a text, so "a,  b" and "a b" give the same grams.
-    word = _IS_WORD[raw]
-    keep = word.copy()
-    keep[1:] |= word[:-1]
-    keep[np.cumsum(lengths) - lengths] = True
-    data = np.where(word, raw, _SPACE)[keep].astype(np.uint64)
-    owner = owner[keep]
-    word = word[keep]
-
-    gram_owner, gram_hashes = _gram_hashes(data, owner)
-    word_owner, word_hashes = _word_hashes(data, owner, word)
-    owners = np.concatenate([gram_owner, word_owner])
-    hashes = np.concatenate([gram_hashes, word_hashes])
-    weights = np.repeat([_GRAM_WEIGHT, _WORD_WEIGHT], [gram_hashes.size, word_hashes.size])
-    signs = np.where(hashes & np.uint64(1), weights, -weights)  # signed hashing: noise cancels
-    slots = owners * DIMS + ((hashes >> np.uint64(1)) % np.uint64(DIMS)).astype(np.int64)
-    sums = np.bincount(slots, weights=signs, minlength=count * DIMS).astype(np.float64, copy=False)
-    return _normalised(sums.reshape(count, DIMS)[:, :dims])
-
-
-def _gram_hashes(
-    data: npt.NDArray[np.uint64], owner: npt.NDArray[np.int64]
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
-    """Hashes of every byte 3-gram that lies inside one text, with its text."""
-    inside = owner[:-2] == owner[2:]
-    packed = (data[:-2] << np.uint64(16)) | (data[1:-1] << np.uint64(8)) | data[2:]
-    return owner[:-2][inside], _mix(packed[inside] ^ _GRAM_SALT)
-
-
-def _word_hashes(
-    data: npt.NDArray[np.uint64], owner: npt.NDArray[np.int64], word: npt.NDArray[np.bool_]
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
-    """Hashes of every word, with its text.
-
-    Each word's polynomial hash comes from one prefix sum over the whole batch:
-    sum(b[j] * B**j) between its ends, shifted down by B**-start. Arithmetic wraps
-    modulo 2**64 on both sides, which is exactly what makes the difference exact.
-    Every text starts and ends with a gap, so words never span two texts.
-    """
-    size = data.size
-    powers = _powers(_BASE, size)
-    inverse = _powers(_BASE_INV, size)
-    prefix = np.zeros(size + 1, dtype=np.uint64)
-    np.cumsum(data * powers, out=prefix[1:])
-    edges = np.flatnonzero(np.diff(word.view(np.int8)))  # last byte before each change
-    starts, ends = edges[0::2] + 1, edges[1::2] + 1
-    hashes = (prefix[ends] - prefix[starts]) * inverse[starts]
-    return owner[starts], _mix(hashes ^ _WORD_SALT)
-
-
-def _powers(base: np.uint64, size: int) -> npt.NDArray[np.uint64]:
-    """base**0 .. base**(size-1), modulo 2**64."""
-    powers = np.ones(size, dtype=np.uint64)
-    np.cumprod(np.full(size - 1, base, dtype=np.uint64), out=powers[1:])
-    return powers
-
-
-def _mix(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """splitmix64's finaliser: spreads similar inputs over all 64 bits."""
-    values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return values ^ (values >> np.uint64(31))
-
-
-def _normalised(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return (rows / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 class RequestError(ValueError):
@@ -176,7 +77,7 @@ class EmbeddingRequest:
     dimensions: int | None = None
 
 
-def parse_embedding_request(body: bytes) -> EmbeddingRequest:
+def parse_embedding_request(body: bytes, *, max_dims: int = DIMS) -> EmbeddingRequest:
     """Check a request body the way the OpenAI API does; raises RequestError."""
     try:
         payload = json.loads(body)
@@ -198,19 +99,22 @@ def parse_embedding_request(body: bytes) -> EmbeddingRequest:
         raise RequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
     dimensions = payload.get("dimensions")
     if dimensions is not None and (
-        type(dimensions) is not int or not 1 <= dimensions <= DIMS  # bool is not an int here
+        type(dimensions) is not int or not 1 <= dimensions <= max_dims  # bool is not an int here
     ):
-        raise RequestError(f"'dimensions' must be an integer in 1..{DIMS}", param="dimensions")
+        raise RequestError(f"'dimensions' must be an integer in 1..{max_dims}", param="dimensions")
     return EmbeddingRequest(inputs, model, encoding, dimensions)
 
 
-def embedding_reply(request: EmbeddingRequest) -> dict[str, Any]:
-    """The OpenAI-shaped answer to `request`, embeddings included.
+def embedding_reply(
+    request: EmbeddingRequest, vectors: npt.NDArray[np.float32] | None = None
+) -> dict[str, Any]:
+    """The OpenAI-shaped answer to `request`, with `vectors` (default: the hash model's).
 
     Floats are the float32 values widened to Python floats, so the "float" and
     "base64" (little-endian float32) encodings decode to identical vectors.
     """
-    vectors = embed_texts(request.inputs, dims=request.dimensions or DIMS)
+    if vectors is None:
+        vectors = embed_texts(request.inputs, dims=request.dimensions or DIMS)
     if request.encoding == "base64":
         little = vectors.astype("<f4", copy=False)
         encoded: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
@@ -321,6 +225,7 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
 
 class _EmbeddingHTTPServer(ServingHTTPServer):
     latency_s = 0.0
+    model: ServedModel = HashModel()
 
 
 class _EmbeddingHandler(JSONRequestHandler):
@@ -331,7 +236,15 @@ class _EmbeddingHandler(JSONRequestHandler):
         if route == "/health":
             self.send_json(200, {"status": "ok"})
         elif route == "/v1/models":
-            model = {"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "pipeline"}
+            served = self.server.model
+            model: dict[str, Any] = {
+                "id": served.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "pipeline",
+            }
+            if served.window is not None:
+                model["max_input_tokens"] = served.window
             self.send_json(200, {"object": "list", "data": [model]})
         else:
             self.send_json(404, error_body(f"no route {route!r}", kind="not_found"))
@@ -344,12 +257,26 @@ class _EmbeddingHandler(JSONRequestHandler):
         self.server.count_request()
         if self.server.latency_s > 0:  # waits in this thread only; other requests go on
             self.server.stopping.wait(self.server.latency_s)
+        served = self.server.model
         try:
-            request = parse_embedding_request(body)
+            request = parse_embedding_request(body, max_dims=served.dims)
         except RequestError as exc:
             self.send_json(400, error_body(str(exc), param=exc.param))
             return
-        self.send_json(200, embedding_reply(request))
+        if not same_model(request.model, served.name):
+            message = (
+                f"The model {request.model!r} does not exist; this server serves {served.name!r}"
+            )
+            body_ = error_body(message, param="model")
+            body_["error"]["code"] = "model_not_found"
+            self.send_json(404, body_)
+            return
+        try:
+            vectors = served.embed(request.inputs, request.dimensions)
+        except UnsupportedDimensions as exc:
+            self.send_json(400, error_body(str(exc), param="dimensions"))
+            return
+        self.send_json(200, embedding_reply(request, vectors))
 
 
 class EmbeddingServer:
@@ -358,9 +285,17 @@ class EmbeddingServer:
     Port 0 picks a free port. `requests` counts POST /v1/embeddings calls.
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_s: float = 0.0,
+        model: ServedModel | None = None,
+    ) -> None:
         self._address = (host, port)
         self._latency_s = latency_s
+        self.model: ServedModel = model or HashModel()
         self._httpd: ServingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -370,6 +305,7 @@ class EmbeddingServer:
             raise RuntimeError("the server is already started")
         httpd = _EmbeddingHTTPServer(self._address, _EmbeddingHandler)
         httpd.latency_s = self._latency_s
+        httpd.model = self.model
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -412,12 +348,16 @@ class EmbeddingServer:
         self.close()
 
 
-def serve(*, host: str, port: int, latency_s: float = 0.0) -> None:
-    """Serve until SIGINT or SIGTERM, then close connections and return.
+def serve(
+    *, host: str, port: int, latency_s: float = 0.0, model: ServedModel | None = None
+) -> None:
+    """Serve `model` (default: the hash model) until SIGINT or SIGTERM, then close
+    connections and the model, and return.
 
     Must be called from the main thread (signal handlers can only be set there);
     the previous handlers are restored on return.
     """
+    served = model or HashModel()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -427,11 +367,15 @@ def serve(*, host: str, port: int, latency_s: float = 0.0) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with EmbeddingServer(host=host, port=port, latency_s=latency_s) as server:
+        with EmbeddingServer(host=host, port=port, latency_s=latency_s, model=served) as server:
             logger.info(
-                "embedding server listening on %s (model %s, %d dims)", server.url, MODEL_NAME, DIMS
+                "embedding server listening on %s (model %s, %d dims)",
+                server.url,
+                served.name,
+                served.dims,
             )
             stop.wait()
     finally:
+        served.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

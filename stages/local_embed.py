@@ -104,9 +104,10 @@ class LocalEmbed(Stage):
             device = local_model.pick_device(str(self.params["device"]))
         except ImportError:
             return f"torch is not installed: {local_model.INSTALL_HINT}"
+        source = f"{self.model_name} from {local_model.found_in(self.model_name)}"
         if device == "cpu":
-            return f"CPU, {self._threads()} torch threads per worker"
-        return f"{device}, one GPU per worker (pool.size: the number of GPUs)"
+            return f"{source}, on the CPU with {self._threads()} torch threads per worker"
+        return f"{source}, on {device}, one GPU per worker (pool.size: the number of GPUs)"
 
     def _threads(self) -> int:
         threads = self.params["threads"]

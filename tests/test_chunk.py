@@ -232,7 +232,7 @@ def test_pages_given_as_lists_chunk_like_tuples() -> None:
 def test_params_declare_size_and_overlap() -> None:
     size, overlap = Chunk.PARAMS["size"], Chunk.PARAMS["overlap"]
 
-    assert (size.type, size.default, size.minimum) == ("int", 1200, 1)
-    assert (overlap.type, overlap.default, overlap.minimum) == ("int", 200, 0)
+    assert (size.type, size.default, size.minimum) == ("int", 800, 1)
+    assert (overlap.type, overlap.default, overlap.minimum) == ("int", 150, 0)
     assert Chunk.POOLS == ("process", "thread") and Chunk.FUSIBLE
     assert Chunk.DEFAULT_SIZE == 1

@@ -44,7 +44,7 @@ def test_a_broken_config_exits_2_naming_file_line_and_key(project: Path) -> None
     run = pipeline("validate", "-c", str(project))
     assert run.returncode == 2
     assert run.stderr.strip() == (
-        f'{project}:18: stages[2].pool.size: expected a positive integer or "auto", got "many"'
+        f'{project}:22: stages[2].pool.size: expected a positive integer or "auto", got "many"'
     )
 
 

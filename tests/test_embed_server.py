@@ -37,7 +37,7 @@ def client(embed_server: EmbeddingServer) -> Iterator[httpx.Client]:
 
 
 def embed(client: httpx.Client, **payload: Any) -> dict[str, Any]:
-    response = client.post("/embeddings", json={"model": "any-model", **payload})
+    response = client.post("/embeddings", json={"model": "hash-384", **payload})
     assert response.status_code == 200, response.text
     reply: dict[str, Any] = response.json()
     return reply
@@ -50,7 +50,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def test_reply_has_the_openai_shape(client: httpx.Client) -> None:
     reply = embed(client, input=["one text", "another text here"])
     assert reply["object"] == "list"
-    assert reply["model"] == "any-model"
+    assert reply["model"] == "hash-384"
     assert [d["index"] for d in reply["data"]] == [0, 1]
     assert all(d["object"] == "embedding" for d in reply["data"])
     assert all(len(d["embedding"]) == DIMS for d in reply["data"])
@@ -171,7 +171,7 @@ def test_requests_are_counted_over_one_keepalive_connection(
 ) -> None:
     ports = set()
     for _ in range(3):
-        response = client.post("/embeddings", json={"model": "m", "input": "x"})
+        response = client.post("/embeddings", json={"model": "hash-384", "input": "x"})
         ports.add(response.extensions["network_stream"].get_extra_info("client_addr"))
     assert embed_server.requests == 3
     assert len(ports) == 1
@@ -184,7 +184,7 @@ async def test_64_keepalive_connections_are_served_concurrently() -> None:
         async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as http:
 
             async def one(i: int) -> int:
-                reply = await http.post("/embeddings", json={"model": "m", "input": f"t{i}"})
+                reply = await http.post("/embeddings", json={"model": "hash-384", "input": f"t{i}"})
                 return reply.status_code
 
             async with asyncio.timeout(10):
@@ -198,10 +198,10 @@ def test_close_returns_with_idle_keepalive_connections_open() -> None:
     server = EmbeddingServer()
     server.start()
     with httpx.Client(base_url=server.url) as http:
-        http.post("/embeddings", json={"model": "m", "input": "x"})
+        http.post("/embeddings", json={"model": "hash-384", "input": "x"})
         server.close()  # a joined handler thread would block here forever
     with pytest.raises(httpx.TransportError):
-        httpx.post(f"{server.url}/embeddings", json={"model": "m", "input": "x"})
+        httpx.post(f"{server.url}/embeddings", json={"model": "hash-384", "input": "x"})
 
 
 def test_serve_listens_until_sigterm() -> None:
@@ -218,7 +218,7 @@ def test_serve_listens_until_sigterm() -> None:
         line = proc.stderr.readline()
         found = re.search(r"listening on (http://\S+/v1)", line)
         assert found, line
-        reply = httpx.post(f"{found[1]}/embeddings", json={"model": "m", "input": "hi"})
+        reply = httpx.post(f"{found[1]}/embeddings", json={"model": "hash-384", "input": "hi"})
         assert reply.status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
