@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PYTHON = ROOT / "bench" / ".peer-venv" / "bin" / "python"
 COLLECTION = "documents"
+PEER_MODEL = "text-embedding-3-small"  # a name OpenAIEmbedding accepts; the hash model answers
 
 
 # -- the worker: runs inside bench/.peer-venv ----------------------------------------------
@@ -81,9 +82,10 @@ def worker(
     pipeline = IngestionPipeline(
         transformations=[
             SentenceSplitter(chunk_size=chunk_tokens, chunk_overlap=overlap),
-            # The model name passes OpenAIEmbedding's check; the server takes any name.
+            # The model name passes OpenAIEmbedding's check; the server answers to it
+            # (`serve-embeddings --served-name`).
             OpenAIEmbedding(
-                model="text-embedding-3-small",
+                model=PEER_MODEL,
                 api_base=url,
                 api_key="x",
                 embed_batch_size=batch,
@@ -160,6 +162,7 @@ def run_ours(
     from bench.throughput import BenchOptions, bench_pipeline
 
     opts = BenchOptions(
+        model=PEER_MODEL,
         docs=docs,
         pages=pages,
         seed=seed,
@@ -199,7 +202,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine(), "docs": args.docs, "pages": args.pages}
     for latency in args.latency_ms:
         runs: list[dict[str, Any]] = []
-        with embedding_server(latency) as server:
+        with embedding_server(latency, served_name=PEER_MODEL) as server:
             for _ in range(args.rounds):
                 ours = run_ours(
                     args.docs,

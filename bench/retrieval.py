@@ -15,12 +15,13 @@ is among the first three distinct files. The misses list the files ranked first.
 
 The models:
 
-- `hash`: `stages.embed_server.embed_texts`, the builtin server's hashing sketch
-  of words and 3-grams. It only finds shared words, so paraphrased questions
-  defeat it: it is the floor that a real model must clear.
-- `minilm`: sentence-transformers all-MiniLM-L6-v2, loaded offline on the CPU
-  from the `model.zip` that the `all_minilm_l6_v2` package ships (extracted to a
-  temporary folder, never downloaded).
+- `hash`: `stages.hash_model.embed_texts`, the hashing sketch of words and
+  3-grams that `pipeline serve-embeddings` serves by default. It only finds shared
+  words, so paraphrased questions defeat it: it is the floor that a real model
+  must clear.
+- `minilm`: sentence-transformers all-MiniLM-L6-v2 on the CPU, found and loaded
+  offline by the pipeline's own loader, `stages.local_model` (a folder, the
+  Hugging Face cache, or a package that ships it; never downloaded).
 
 `evaluate()` is importable: `tests/test_retrieval.py` uses it to check that
 MiniLM reaches `HIT3_FLOOR` and the hashing model does not (so the floor means
@@ -31,12 +32,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
-import os
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +49,7 @@ __all__ = [
     "CHUNK_SIZE",
     "CORPUS",
     "HIT3_FLOOR",
+    "MINILM",
     "QUESTIONS",
     "Embed",
     "Score",
@@ -68,6 +66,7 @@ CORPUS = ROOT / "examples" / "pdfs"
 QUESTIONS = Path(__file__).resolve().with_name("questions.tsv")
 CHUNK_SIZE = 800
 CHUNK_OVERLAP = 150
+MINILM = "all-MiniLM-L6-v2"
 HIT3_FLOOR = 0.8  # what a real embedding model must reach; the hashing model stays below
 
 Embed = Callable[[list[str]], npt.NDArray[np.floating]]
@@ -151,33 +150,23 @@ def evaluate(
 
 def hash_embed(texts: list[str]) -> npt.NDArray[np.floating]:
     """The builtin hashing model of `pipeline serve-embeddings`."""
-    from stages.embed_server import embed_texts
+    from stages.hash_model import embed_texts
 
     return embed_texts(texts)
 
 
-def minilm_embed() -> Embed:
-    """all-MiniLM-L6-v2 on the CPU, offline, from the `all_minilm_l6_v2` wheel's model.zip.
+def minilm_embed(model: str = MINILM, *, batch: int = 64) -> Embed:
+    """`model` (default all-MiniLM-L6-v2) on the CPU, loaded as the pipeline loads it.
 
-    The package itself is not imported (it prints on import): only its folder is
-    looked up. The model is read from a temporary copy, deleted once loaded.
-    Raises ModuleNotFoundError if sentence-transformers or the package is missing.
+    Raises `stages.local_model.ModelNotFound` if the model is on this machine in
+    none of the places the pipeline looks, ImportError without sentence-transformers.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
+    from stages.local_model import encode, load
 
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("package all_minilm_l6_v2 (the MiniLM model) is not installed")
-    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
-    with tempfile.TemporaryDirectory(prefix="minilm-") as folder:
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(folder)
-        model = SentenceTransformer(folder, device="cpu")
+    loaded = load(model, device="cpu")
 
     def embed(texts: list[str]) -> npt.NDArray[np.floating]:
-        return np.asarray(model.encode(texts, batch_size=64, convert_to_numpy=True))
+        return encode(loaded, texts, batch=batch)
 
     return embed
 

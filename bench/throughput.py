@@ -279,8 +279,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def embedding_server(latency_ms: float, *, log: Path | None = None) -> Iterator[Server]:
-    """The builtin embedding server in a subprocess; yields once /health answers."""
+def embedding_server(
+    latency_ms: float,
+    *,
+    log: Path | None = None,
+    model: str | None = None,
+    served_name: str | None = None,
+) -> Iterator[Server]:
+    """The builtin embedding server in a subprocess, serving the hash model or `model`;
+    yields once /health answers (a local model takes a few seconds to load)."""
     port = _free_port()
     cmd = [
         str(PYTHON),
@@ -292,10 +299,12 @@ def embedding_server(latency_ms: float, *, log: Path | None = None) -> Iterator[
         "--latency-ms",
         str(latency_ms),
     ]
+    cmd += ["--model", model] if model is not None else []
+    cmd += ["--served-name", served_name] if served_name is not None else []
     sink = log.open("wb") if log is not None else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
@@ -368,6 +377,7 @@ class BenchOptions:
     embed_queue: int | None = None  # in batches; None: as in pipeline.yaml (unset: 2 x workers)
     extract_workers: int | None = None  # None: as in pipeline.yaml ("auto")
     extractor: str = "pypdf"  # pdf.extract's engine: pypdf or pdfium
+    model: str = "hash-384"  # what the embedding server serves
     engine: str = "edge"
     chunk_size: int | None = None
     chunk_overlap: int | None = None
@@ -397,6 +407,7 @@ def write_config(folder: Path, corpus: Path, url: str, opts: BenchOptions) -> Pa
                 params["overlap"] = opts.chunk_overlap
         elif stage["uses"] == "openai.embed":
             params["url"] = url
+            params["model"] = opts.model
             if opts.embed_workers is not None:
                 pool["size"] = opts.embed_workers
             if opts.batch is not None:

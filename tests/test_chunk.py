@@ -180,7 +180,7 @@ def test_check_rejects_overlap_not_below_size() -> None:
         ParamProblem("overlap", "a value below size (100)", 250)
     ]
     assert Chunk.check({"overlap": 1200}) == [
-        ParamProblem("overlap", "a value below size (1200)", 1200)
+        ParamProblem("overlap", "a value below size (800)", 1200)
     ]
 
 

