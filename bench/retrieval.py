@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -185,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = p.parse_args(argv)
 
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # font warnings, as the pipeline does
     chunks = load_chunks()
     questions = load_questions()
     names = ["hash", "minilm"] if args.model == "both" else [args.model]
