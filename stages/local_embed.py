@@ -39,6 +39,8 @@ __all__ = ["LocalEmbed"]
 
 logger = logging.getLogger(__name__)
 
+_PASSES_PER_CALL = 4
+
 
 class LocalEmbed(Stage):
     """Adds "vector" (a float32 numpy row) and "model" to each item from its "text"."""
@@ -91,7 +93,11 @@ class LocalEmbed(Stage):
 
     @property
     def batch_size(self) -> int:
-        return int(self.params["batch"])
+        """Texts per call: four forward passes' worth. sentence-transformers sorts a
+        call's texts by length before cutting them into passes of `batch`, so texts
+        of like length share a pass and little of it is padding (bench.local_embed: 35
+        against 29 chunks/s with calls of 64 on 2 cores)."""
+        return _PASSES_PER_CALL * int(self.params["batch"])
 
     @property
     def model_name(self) -> str:
@@ -133,7 +139,7 @@ class LocalEmbed(Stage):
                 raise PermanentError(f"{item.doc}: item has no text to embed", reason="no_text")
             texts.append(text)
         self._count_cut(model, texts)
-        vectors = local_model.encode(model, texts, batch=self.batch_size)
+        vectors = local_model.encode(model, texts, batch=int(self.params["batch"]))
         return [
             Item(item.doc, {**item.data, "vector": vector, "model": self.model_name})
             for item, vector in zip(items, vectors, strict=True)
@@ -143,7 +149,7 @@ class LocalEmbed(Stage):
         """Embed a query the way chunks are embedded (the QueryEmbedder protocol)."""
         if self._model is None:
             raise RuntimeError(f"{self.name}: open() was not called")
-        vectors = local_model.encode(self._model, texts, batch=self.batch_size)
+        vectors = local_model.encode(self._model, texts, batch=int(self.params["batch"]))
         rows: list[list[float]] = vectors.tolist()
         return rows
 
