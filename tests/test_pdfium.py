@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import PermanentError
 from pipeline.stage import Item
 from stages.pdf import Extract
-from tests.pdfs import CORPUS, Sample, samples
+from tests.pdfs import CORPUS, MISSING, Sample, samples
 
 # PDFium repairs these; pypdf gives up on them (bench/RESULTS.md section 10).
 READ_ONLY_BY_PDFIUM = {"broken-xref-table.pdf", "broken-page-tree-cycle.pdf"}
@@ -57,6 +57,7 @@ def test_pdfium_fails_broken_files_or_repairs_them(sample: Sample) -> None:
         assert reason(sample.path) in ("corrupt_pdf", "no_text")
 
 
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=MISSING)
 def test_pdfium_opens_an_empty_user_password() -> None:
     out = pdfium(CORPUS / "encrypted-empty-userpw-aes256.pdf")
     assert out.data["pages"][0][1].strip()
