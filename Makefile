@@ -9,7 +9,7 @@ PORT ?= 8000
 $(BIN)/pipeline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,ocr,local]'
+	$(BIN)/pip install --quiet -e '.[dev,ocr,local,ray]'
 	touch $@
 
 install: $(BIN)/pipeline

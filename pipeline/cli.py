@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import json
 import logging
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PipelineConfig, load_config, ray_installed
 from pipeline.errors import ConfigError, FatalError, InUseError
 from pipeline.outcome import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 from pipeline.stage import AsyncStage, QueryEmbedder, Searcher, Stage
@@ -114,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--executor", choices=("local", "ray"), help="where stages run (default: the config's)"
+    )
+    p.add_argument("--ray-address", help="join this Ray cluster (implies --executor ray)")
     p.add_argument("--source", type=Path, help="index this folder instead of source.path")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1")
@@ -168,7 +173,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, *, requeue: list[str] | None) -> int:
     """`run`, or with `requeue` (a list, empty for all) `retry`: failed documents first
     become pending again, and the run picks them up like any interrupted document."""
-    config = load_config(args.config, source=args.source)
+    config = _with_executor(load_config(args.config, source=args.source), args)
     _check_run_flags(args)
     from pipeline.session import run_session  # the heavier imports only when running
 
@@ -201,6 +206,19 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         progress=not args.no_progress,
     )
+
+
+def _with_executor(config: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
+    """`--executor` and `--ray-address` over the config's `executor` and `ray`."""
+    executor = "ray" if args.ray_address else (args.executor or config.executor)
+    if executor == "ray" and not ray_installed():
+        raise ConfigError(
+            "command line", "--executor", "Ray installed: pip install '.[ray]'", got="ray"
+        )
+    ray = config.ray
+    if args.ray_address:
+        ray = dataclasses.replace(ray, address=args.ray_address)
+    return dataclasses.replace(config, executor=executor, ray=ray)
 
 
 def _check_run_flags(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ the name of a variable that must be set, never its value.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
@@ -25,12 +26,24 @@ from typing import Any, cast
 from pipeline.errors import ConfigError
 from pipeline.fusion import fuse
 from pipeline.registry import known_kinds, resolve
-from pipeline.schema import POOL, RETRY, SOURCE, STAGE, TOP, WATCH, Invalid, Key, param_key
+from pipeline.schema import (
+    POOL,
+    RAY,
+    RETRY,
+    SOURCE,
+    STAGE,
+    TOP,
+    WATCH,
+    Invalid,
+    Key,
+    param_key,
+)
 from pipeline.stage import PoolKind, StageBase
 from pipeline.yamlfile import KeyPath, Lines, parse, render
 
 __all__ = [
     "PipelineConfig",
+    "RayConfig",
     "PoolConfig",
     "RetryConfig",
     "SourceConfig",
@@ -38,6 +51,7 @@ __all__ = [
     "WatchConfig",
     "cpu_count",
     "load_config",
+    "ray_installed",
 ]
 
 
@@ -88,6 +102,13 @@ class WatchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RayConfig:
+    address: str | None = None  # None: a local instance for the run, on loopback
+    num_cpus: int | None = None
+    object_store_mb: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineConfig:
     file: Path  # as the user gave it, so later messages name it the same way
     source: SourceConfig
@@ -96,6 +117,8 @@ class PipelineConfig:
     shutdown_timeout_s: float = 30.0
     min_free_mb: float = 256.0  # below this on the state's or store's filesystem: stop
     watch: WatchConfig = WatchConfig()
+    executor: str = "local"  # where stages run: pipeline.executor
+    ray: RayConfig = RayConfig()
 
 
 def cpu_count() -> int:
@@ -104,6 +127,14 @@ def cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def ray_installed() -> bool:
+    """Whether Ray can be imported, without importing it (a second or more)."""
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def load_config(
@@ -192,6 +223,9 @@ class _Loader:
             expected = "a mapping with the keys " + ", ".join(TOP)
             raise self.fail((), expected, _Shown(data) if data is not None else None)
         top = self.section(data, (), TOP, waive={"source"} if source is not None else set())
+        if top["executor"] == "ray" and not ray_installed():
+            expected = "local, or Ray installed for ray: pip install '.[ray]'"
+            raise self.fail(("executor",), expected, "ray")
         src = self.source(top["source"], source)
         names: dict[str, int] = {}
         stages = tuple(self.stage(index, raw, names) for index, raw in enumerate(top["stages"]))
@@ -203,6 +237,8 @@ class _Loader:
             shutdown_timeout_s=top["shutdown_timeout_s"],
             min_free_mb=top["min_free_mb"],
             watch=WatchConfig(**self.section(top["watch"] or {}, ("watch",), WATCH)),
+            executor=top["executor"],
+            ray=RayConfig(**self.section(top["ray"] or {}, ("ray",), RAY)),
         )
 
     def source(self, raw: Mapping[str, Any] | None, override: Path | None) -> SourceConfig:

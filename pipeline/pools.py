@@ -32,7 +32,7 @@ from pipeline import registry
 from pipeline.errors import PermanentError, StageError
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
-__all__ = ["Pool", "StageSpec", "open_pool"]
+__all__ = ["Pool", "StageSpec", "ThreadPool", "build_chain", "open_pool", "run_chain"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class Pool(Protocol):
 
     def take_pages(self) -> int:
         """Pages that fused stages consumed inside the workers since the last call."""
+
+    def nodes(self) -> dict[str, int]:
+        """Items each machine handled (node id -> items); empty on one machine."""
 
     @property
     def stage(self) -> StageBase:
@@ -128,6 +131,9 @@ class AsyncPool:
     def take_pages(self) -> int:
         return 0
 
+    def nodes(self) -> dict[str, int]:
+        return {}
+
     async def run(self, items: list[Item]) -> list[Item]:
         return await _within(self._timeout_s, self.stage.process(items))
 
@@ -156,6 +162,9 @@ class ThreadPool:
 
     def take_pages(self) -> int:
         return 0
+
+    def nodes(self) -> dict[str, int]:
+        return {}
 
     async def run(self, items: list[Item]) -> list[Item]:
         # A thread cannot be killed: on timeout the item fails and the call runs on
@@ -205,6 +214,9 @@ class ProcessPool:
     def take_pages(self) -> int:
         pages, self.pages = self.pages, 0
         return pages
+
+    def nodes(self) -> dict[str, int]:
+        return {}
 
     async def run(self, items: list[Item]) -> list[Item]:
         future = self._pool.schedule(_worker_process, args=(items,), timeout=self._timeout_s)
@@ -256,21 +268,34 @@ def _worker_init(chain: list[StageSpec], workers: int, memory_mb: int | None) ->
     if memory_mb is not None:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    _worker_chain.extend(build_chain(chain, workers=workers))
+
+
+def build_chain(chain: Sequence[StageSpec], *, workers: int) -> list[Stage]:
+    """A worker's own copies of a stage and the stages fused into it, opened."""
+    stages = []
     for spec in chain:
         stage = registry.resolve(spec.uses)(spec.params, name=spec.name, concurrency=workers)
         if not isinstance(stage, Stage):
             raise TypeError(f"{spec.uses} is not a blocking stage and cannot run on a process pool")
         stage.open()
-        _worker_chain.append(stage)
+        stages.append(stage)
+    return stages
 
 
 def _worker_process(items: list[Item]) -> tuple[list[Item], int, Counter[tuple[str, str]]]:
-    """Run the chain on `items`: the outputs of the last stage, the pages that the
-    fused stages consumed (the engine counts pages from the `pages` field), and what
-    the first stage counted since the last call that returned."""
     if not _worker_chain:
         raise RuntimeError("worker used before its initializer ran")
-    first, *fused = _worker_chain
+    return run_chain(_worker_chain, items)
+
+
+def run_chain(
+    chain: Sequence[Stage], items: list[Item]
+) -> tuple[list[Item], int, Counter[tuple[str, str]]]:
+    """Run `chain` on `items`: the outputs of the last stage, the pages that the
+    fused stages consumed (the engine counts pages from the `pages` field), and what
+    the first stage counted since the last call that returned."""
+    first, *fused = chain
     out = first.process(items)
     pages = 0
     for stage in fused:

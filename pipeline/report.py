@@ -56,6 +56,7 @@ def stage_numbers(view: StageView, *, seconds: float) -> dict[str, Any]:
         "p95_batch_seconds": None if p95 is None else round(p95, 4),
         "concurrency": _concurrency(view),
         "counters": dict(view.counters),  # e.g. "embedding_requests:200": requests answered
+        "nodes": dict(view.nodes),  # items each machine handled (executor ray); {} locally
     }
 
 

@@ -38,12 +38,12 @@ from pipeline.config import PipelineConfig, cpu_count
 from pipeline.cpu import busy_seconds
 from pipeline.disk import CHECK_EVERY_S, low_space, written_paths
 from pipeline.errors import ConfigError, FatalError, StageError, TransientError
+from pipeline.executor import Executor, LocalExecutor
 from pipeline.intake import Intake
 from pipeline.ledger import Finished, Ledger
 from pipeline.limit import Permit
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
-from pipeline.pools import StageSpec, open_pool
 from pipeline.retry import RetryPolicy
 from pipeline.stage import Item
 from pipeline.stage_state import StageState, StageView
@@ -70,8 +70,10 @@ class Runner:
         metrics: Metrics | None = None,
         sleep: Sleep = asyncio.sleep,
         settle_s: float = 0.0,
+        executor: Executor | None = None,
     ) -> None:
         self.config = config
+        self.executor: Executor = executor or LocalExecutor()
         self.state = state
         self.metrics = metrics or Metrics()
         self.outcome = RunOutcome()
@@ -218,17 +220,7 @@ class Runner:
 
     async def _open_stages(self) -> None:
         for cfg in self.config.stages:
-            pool = open_pool(
-                cfg.cls,
-                uses=cfg.uses,
-                name=cfg.name,
-                kind=cfg.pool.kind,
-                size=cfg.pool.size,
-                params=cfg.params,
-                timeout_s=cfg.timeout_s,
-                memory_mb=cfg.memory_mb,
-                fused=[StageSpec(f.uses, f.name, dict(f.params)) for f in cfg.fused],
-            )
+            pool = self.executor.open_pool(cfg)
             # `queue` counts what one worker takes at once: a batch. Counted in items, a
             # queue of 2 x workers would starve a batching stage into batches of 2.
             capacity = cfg.queue * pool.batch_size

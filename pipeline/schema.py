@@ -30,6 +30,7 @@ from pipeline.stage import REQUIRED, Param
 
 __all__ = [
     "POOL",
+    "RAY",
     "RETRY",
     "SOURCE",
     "STAGE",
@@ -262,8 +263,26 @@ WATCH: Mapping[str, Key] = {
         default=300.0,
     ),
 }
+RAY: Mapping[str, Key] = {
+    "address": Key(
+        text("a Ray address"),
+        'An existing cluster ("auto", "ray://host:10001"); default: a local Ray instance'
+        " for the run, on loopback only.",
+        nullable=True,
+    ),
+    "num_cpus": Key(integer(1), "CPUs of the local instance (default: all).", nullable=True),
+    "object_store_mb": Key(
+        integer(64), "Object store of the local instance (default: Ray's).", nullable=True
+    ),
+}
 TOP: Mapping[str, Key] = {
     "source": Key(section(SOURCE), "Where the documents come from.", required=True),
+    "executor": Key(
+        choice(("local", "ray")),
+        "local: this machine's pools and channels; ray: the same stages on a Ray cluster.",
+        default="local",
+    ),
+    "ray": Key(section(RAY), "executor: ray: which cluster."),
     "state": Key(text("a file path"), "Progress database, relative to this file.", required=True),
     "shutdown_timeout_s": Key(number(0, exclusive=True), "SIGTERM grace period.", default=30.0),
     "watch": Key(section(WATCH), "`pipeline watch`: settling and rescans."),

@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.disk import low_space, written_paths
 from pipeline.errors import ConfigError, FatalError
+from pipeline.executor import open_executor
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, report_hints
@@ -83,8 +84,12 @@ def run_session(
         state,
         metrics,
     ):
-        runner = Runner(config, state=state, metrics=metrics)
-        outcome = asyncio.run(_drive(runner, live=progress and sys.stderr.isatty()))
+        executor = open_executor(config)  # before the loop: ray.init takes SIGTERM's handler
+        try:
+            runner = Runner(config, state=state, metrics=metrics, executor=executor)
+            outcome = asyncio.run(_drive(runner, live=progress and sys.stderr.isatty()))
+        finally:
+            executor.close()
     from pipeline.terminal import print_summary
 
     views = runner.views()

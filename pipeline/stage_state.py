@@ -47,6 +47,7 @@ class StageView:
     limit: int | None = None  # calls allowed in flight now (adaptive pools)
     limit_stats: LimitStats | None = None
     unavailable_s: float = 0.0  # how long its server has been unavailable, now
+    nodes: dict[str, int] = field(default_factory=dict)  # items per machine (Ray)
 
 
 class StageState:
@@ -107,6 +108,7 @@ class StageState:
         view.unavailable_s = self.retry.breaker.open_seconds()
         counts = self.pool.stage.counts
         view.counters = {f"{name}:{label}": n for (name, label), n in counts.items()}
+        view.nodes = self.pool.nodes()
         if self.limit is not None:
             view.limit = self.limit.limit
             view.limit_stats = self.limit.stats()

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.config import PipelineConfig
+from pipeline.executor import placement
 from pipeline.outcome import RunOutcome
 from pipeline.stage import Hit
 
@@ -48,9 +49,11 @@ def print_graph(config: PipelineConfig) -> None:
         table.add_column(column)
     placements = []
     for st in config.stages:
-        placement = st.cls(st.params, name=st.name, concurrency=st.pool.size).placement()
-        if placement:
-            placements.append(f"{st.name}: {placement}")
+        where = st.cls(st.params, name=st.name, concurrency=st.pool.size).placement()
+        on = placement(config, st)
+        for line in (on, where):
+            if line:
+                placements.append(f"{st.name}: {line}")
         table.add_row(
             st.name,
             st.uses,
@@ -65,7 +68,7 @@ def print_graph(config: PipelineConfig) -> None:
     _out().print(table)
     for line in placements:
         _out().print(line)
-    _out().print(f"state: {config.state}")
+    _out().print(f"state: {config.state}; executor: {config.executor}")
 
 
 def print_hits(query: str, hits: list[Hit]) -> None:

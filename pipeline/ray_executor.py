@@ -1,0 +1,255 @@
+"""The Ray executor: the same pipeline.yaml and stages on a Ray cluster.
+
+`executor: ray` (or `pipeline run --executor ray`) keeps everything the local
+executor has (`pipeline.executor`) and moves the stages' work onto Ray:
+
+    process-pool stage   `pool.size` actors (`_Blocking`), one CPU each, spread over
+                         the nodes; each builds its stage and the stages fused into
+                         it once, as a worker process does
+    async-pool stage     one async actor (`_Async`) running up to `pool.size` calls at
+                         once; the driver's adaptive limit decides how many are in
+                         flight, so together they never overload the API
+    thread-pool stage    the driver's own threads, as locally: an embedded store is
+                         written from one place only
+
+Ray schedules the actors, moves the items, restarts an actor whose process or node
+died and re-runs the calls it had (`max_task_retries`), so a node lost mid-run loses
+no document. The driver keeps the one record of outcomes: document-level errors come
+back as values, not failed Ray calls, and are accounted exactly as locally. A call
+past the stage's `timeout_s` kills its actor (Ray starts another) and fails its
+items. Backpressure is the engine's own bounded channels: the driver hands Ray no
+more than the queues hold, and the source stays a lazy walk on the driver.
+
+Without `ray.address`, a Ray instance is started for the run, on 127.0.0.1 only
+(Ray's ports have no authentication; `pipeline.executor` sets Ray's
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported, which is what keeps
+every Ray process on loopback), and stopped after it, even if the run is killed
+(`pipeline.ray_reaper`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from pipeline.errors import FatalError, PermanentError, StageError
+from pipeline.pools import StageSpec, ThreadPool, build_chain, run_chain
+from pipeline.ray_reaper import start_reaper
+from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
+
+if TYPE_CHECKING:
+    from pipeline.config import RayConfig, StageConfig
+    from pipeline.pools import Pool
+
+__all__ = ["RayExecutor", "ray_placement"]
+
+logger = logging.getLogger(__name__)
+
+_CALL_RETRIES = 2  # re-runs of a call whose actor died (its node lost, a segfault)
+_Result = tuple[str, Any, str]  # ("ok", (items, pages, counts), node) or ("error", exc, node)
+
+
+def _node() -> str:
+    return str(ray.get_runtime_context().get_node_id())[:12]
+
+
+def _failed(exc: Exception) -> PermanentError | StageError:
+    if isinstance(exc, StageError):
+        return exc
+    return PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
+
+
+@ray.remote
+class _Blocking:
+    """A process-pool stage's worker: its chain of stages, built and opened once."""
+
+    def __init__(self, chain: list[StageSpec], workers: int) -> None:
+        self._chain = build_chain(chain, workers=workers)
+
+    def ready(self) -> str:
+        return _node()
+
+    def run(self, items: list[Item]) -> _Result:
+        try:
+            return ("ok", run_chain(self._chain, items), _node())
+        except Exception as exc:  # noqa: BLE001 - errors ride back as values
+            return ("error", _failed(exc), _node())
+
+
+@ray.remote
+class _Async:
+    """An async stage: one copy, many calls at once on the actor's event loop."""
+
+    def __init__(self, spec: StageSpec, workers: int) -> None:
+        from pipeline import registry
+
+        stage = registry.resolve(spec.uses)(spec.params, name=spec.name, concurrency=workers)
+        if not isinstance(stage, AsyncStage):
+            raise TypeError(f"{spec.uses} is not an async stage")
+        self._stage = stage
+
+    async def ready(self) -> str:
+        await self._stage.open()
+        return _node()
+
+    async def run(self, items: list[Item]) -> _Result:
+        try:
+            out = await self._stage.process(items)
+        except Exception as exc:  # noqa: BLE001 - errors ride back as values
+            return ("error", _failed(exc), _node())
+        counts, self._stage.counts = self._stage.counts, Counter()
+        return ("ok", (out, 0, counts), _node())
+
+    async def close(self) -> None:
+        await self._stage.close()
+
+
+class RayPool:
+    """A stage's actors, seen by the runner as any other pool."""
+
+    def __init__(
+        self, stage: StageBase, *, kind: PoolKind, actors: list[Any], timeout_s: float | None
+    ) -> None:
+        self.kind = kind
+        self.size = stage.concurrency
+        self.batch_size = stage.batch_size
+        self.stage = stage  # a tally: the actors send their counts back with each call
+        self._actors = actors
+        self._in_flight = [0] * len(actors)
+        self._timeout_s = timeout_s
+        self._pages = 0
+        self._nodes: Counter[str] = Counter()
+
+    def take_pages(self) -> int:
+        pages, self._pages = self._pages, 0
+        return pages
+
+    def nodes(self) -> dict[str, int]:
+        return dict(self._nodes)
+
+    async def open(self) -> None:
+        """Wait for every actor to start and open its stages: a stage that cannot open
+        (a missing model, a bad key) stops the run before any document is handed on."""
+        try:
+            await asyncio.gather(*(_wait(a.ready.remote()) for a in self._actors))
+        except RayError as exc:
+            raise FatalError(f"{self.stage.name}: its Ray workers could not start: {exc}") from exc
+
+    async def run(self, items: list[Item]) -> list[Item]:
+        index = min(range(len(self._actors)), key=self._in_flight.__getitem__)
+        actor = self._actors[index]
+        self._in_flight[index] += 1
+        try:
+            ref = actor.run.remote(items)
+            try:
+                status, value, node = await asyncio.wait_for(_wait(ref), self._timeout_s)
+            except TimeoutError:
+                ray.kill(actor, no_restart=False)  # a hung worker is replaced
+                seconds = self._timeout_s or 0
+                raise PermanentError(f"timed out after {seconds:g} s", reason="timeout") from None
+            except RayActorError as exc:
+                raise PermanentError(f"worker died: {exc}", reason="worker_died") from None
+        finally:
+            self._in_flight[index] -= 1
+        self._nodes[node] += len(items)
+        if status == "error":
+            raise value
+        out, pages, counts = value
+        self._pages += pages
+        self.stage.counts.update(counts)
+        return list(out)
+
+    async def discard(self, docs: Sequence[str]) -> None:
+        del docs  # only stores keep documents, and stores run on the driver
+
+    async def close(self) -> None:
+        for actor in self._actors:
+            if self.kind == "async":
+                try:
+                    await _wait(actor.close.remote())
+                except RayError:
+                    logger.warning("%s: closing its Ray actor failed", self.stage.name)
+            ray.kill(actor, no_restart=True)
+
+
+async def _wait(ref: Any) -> Any:
+    return await asyncio.wrap_future(ref.future())
+
+
+class RayExecutor:
+    """Stages on Ray actors; thread stages (an embedded store) on the driver."""
+
+    name = "ray"
+
+    def __init__(self, config: RayConfig) -> None:
+        options: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "configure_logging": False,
+        }
+        self._reaper = None
+        if config.address is None:
+            # Ours to stop, even if this process is killed (see pipeline.ray_reaper).
+            self._reaper = start_reaper()
+            options["_node_ip_address"] = "127.0.0.1"
+            options["num_cpus"] = config.num_cpus
+            if config.object_store_mb is not None:
+                options["object_store_memory"] = config.object_store_mb * 1024 * 1024
+        else:
+            options["address"] = config.address
+        try:
+            ray.init(**options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            self._stop_reaper()
+            where = config.address or "a local instance"
+            raise FatalError(f"cannot start or join Ray ({where}): {exc}") from exc
+
+    def open_pool(self, cfg: StageConfig) -> Pool:
+        stage = cfg.cls(cfg.params, name=cfg.name, concurrency=cfg.pool.size)
+        if cfg.pool.kind == "thread":
+            if not isinstance(stage, Stage):
+                raise TypeError(f"{cfg.uses} is not a blocking stage")
+            return ThreadPool(stage, size=cfg.pool.size, timeout_s=cfg.timeout_s)
+        if cfg.pool.kind == "async":
+            spec = StageSpec(cfg.uses, cfg.name, dict(cfg.params))
+            actor = _Async.options(  # type: ignore[attr-defined]
+                num_cpus=0, max_concurrency=cfg.pool.size, max_restarts=-1
+            ).remote(spec, cfg.pool.size)
+            return RayPool(stage, kind="async", actors=[actor], timeout_s=cfg.timeout_s)
+        chain = [
+            StageSpec(cfg.uses, cfg.name, dict(cfg.params)),
+            *(StageSpec(f.uses, f.name, dict(f.params)) for f in cfg.fused),
+        ]
+        actors = [
+            _Blocking.options(  # type: ignore[attr-defined]
+                num_cpus=1,
+                max_restarts=-1,
+                max_task_retries=_CALL_RETRIES,
+                scheduling_strategy="SPREAD",
+            ).remote(chain, cfg.pool.size)
+            for _ in range(cfg.pool.size)
+        ]
+        return RayPool(stage, kind="process", actors=actors, timeout_s=cfg.timeout_s)
+
+    def close(self) -> None:
+        ray.shutdown()  # disconnects; a local instance started for the run stops
+        self._stop_reaper()
+
+    def _stop_reaper(self) -> None:
+        if self._reaper is not None and self._reaper.stdin is not None:
+            self._reaper.stdin.close()  # the reaper sweeps up what did not stop
+
+
+def ray_placement(cfg: StageConfig) -> str:
+    """How `cfg` runs on Ray, for `pipeline validate`."""
+    if cfg.pool.kind == "thread":
+        return f"on the driver, {cfg.pool.size} thread(s)"
+    if cfg.pool.kind == "async":
+        return f"1 async Ray actor, up to {cfg.pool.size} calls at once"
+    return f"{cfg.pool.size} Ray actors x 1 CPU, spread over the nodes"
