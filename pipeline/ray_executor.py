@@ -3,22 +3,23 @@
 `executor: ray` (or `pipeline run --executor ray`) keeps everything the local
 executor has (`pipeline.executor`) and moves the stages' work onto Ray:
 
-    process-pool stage   `pool.size` actors (`_Blocking`), one CPU each, spread over
-                         the nodes; each builds its stage and the stages fused into
-                         it once, as a worker process does
+    process-pool stage   Ray tasks of one CPU, up to `pool.size` at once, spread over
+                         the nodes; a Ray worker process builds the stage and the
+                         stages fused into it on its first task and keeps them
     async-pool stage     one async actor (`_Async`) running up to `pool.size` calls at
                          once; the driver's adaptive limit decides how many are in
                          flight, so together they never overload the API
     thread-pool stage    the driver's own threads, as locally: an embedded store is
                          written from one place only
 
-Ray schedules the actors, moves the items, restarts an actor whose process or node
-died and re-runs the calls it had (`max_task_retries`), so a node lost mid-run loses
-no document. The driver keeps the one record of outcomes: document-level errors come
-back as values, not failed Ray calls, and are accounted exactly as locally. A call
-past the stage's `timeout_s` kills its actor (Ray starts another) and fails its
-items. Backpressure is the engine's own bounded channels: the driver hands Ray no
-more than the queues hold, and the source stays a lazy walk on the driver.
+Ray schedules the tasks and the actor, moves the items, and re-runs a call whose
+worker or node died (`max_retries`, `max_task_retries`; an actor is restarted), so
+a node lost mid-run loses no document. The driver keeps the one record of
+outcomes: document-level errors come back as values, not failed Ray calls, and are
+accounted exactly as locally. A call past the stage's `timeout_s` is cancelled,
+its worker killed, and its items fail. Backpressure is the engine's own bounded
+channels: the driver hands Ray no more than the queues hold, and the source stays
+a lazy walk on the driver.
 
 Without `ray.address`, a Ray instance is started for the run, on 127.0.0.1 only
 (Ray's ports have no authentication; `pipeline.executor` sets Ray's
@@ -32,11 +33,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayActorError, RayError, WorkerCrashedError
 
 from pipeline.errors import FatalError, PermanentError, StageError
 from pipeline.pools import StageSpec, ThreadPool, build_chain, run_chain
@@ -65,21 +66,21 @@ def _failed(exc: Exception) -> PermanentError | StageError:
     return PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
 
 
+# A worker process's own copies of the chains it ran, built and opened on its first
+# task: Ray keeps worker processes for further tasks, so a model loads once a worker.
+_chains: dict[str, list[Stage]] = {}
+
+
 @ray.remote
-class _Blocking:
-    """A process-pool stage's worker: its chain of stages, built and opened once."""
-
-    def __init__(self, chain: list[StageSpec], workers: int) -> None:
-        self._chain = build_chain(chain, workers=workers)
-
-    def ready(self) -> str:
-        return _node()
-
-    def run(self, items: list[Item]) -> _Result:
-        try:
-            return ("ok", run_chain(self._chain, items), _node())
-        except Exception as exc:  # noqa: BLE001 - errors ride back as values
-            return ("error", _failed(exc), _node())
+def _run_blocking(key: str, chain: list[StageSpec], workers: int, items: list[Item]) -> _Result:
+    """One call of a process-pool stage (and the stages fused into it) as a Ray task."""
+    try:
+        stages = _chains.get(key)
+        if stages is None:
+            stages = _chains[key] = build_chain(chain, workers=workers)
+        return ("ok", run_chain(stages, items), _node())
+    except Exception as exc:  # noqa: BLE001 - errors ride back as values
+        return ("error", _failed(exc), _node())
 
 
 @ray.remote
@@ -111,17 +112,24 @@ class _Async:
 
 
 class RayPool:
-    """A stage's actors, seen by the runner as any other pool."""
+    """A stage's Ray calls, seen by the runner as any other pool: `call(items)` makes
+    one (a task, or a call of the stage's actor)."""
 
     def __init__(
-        self, stage: StageBase, *, kind: PoolKind, actors: list[Any], timeout_s: float | None
+        self,
+        stage: StageBase,
+        *,
+        kind: PoolKind,
+        call: Callable[[list[Item]], Any],
+        actors: Sequence[Any] = (),
+        timeout_s: float | None,
     ) -> None:
         self.kind = kind
         self.size = stage.concurrency
         self.batch_size = stage.batch_size
-        self.stage = stage  # a tally: the actors send their counts back with each call
-        self._actors = actors
-        self._in_flight = [0] * len(actors)
+        self.stage = stage  # a tally: the workers send their counts back with each call
+        self._call = call
+        self._actors = list(actors)
         self._timeout_s = timeout_s
         self._pages = 0
         self._nodes: Counter[str] = Counter()
@@ -142,21 +150,15 @@ class RayPool:
             raise FatalError(f"{self.stage.name}: its Ray workers could not start: {exc}") from exc
 
     async def run(self, items: list[Item]) -> list[Item]:
-        index = min(range(len(self._actors)), key=self._in_flight.__getitem__)
-        actor = self._actors[index]
-        self._in_flight[index] += 1
+        ref = self._call(items)
         try:
-            ref = actor.run.remote(items)
-            try:
-                status, value, node = await asyncio.wait_for(_wait(ref), self._timeout_s)
-            except TimeoutError:
-                ray.kill(actor, no_restart=False)  # a hung worker is replaced
-                seconds = self._timeout_s or 0
-                raise PermanentError(f"timed out after {seconds:g} s", reason="timeout") from None
-            except RayActorError as exc:
-                raise PermanentError(f"worker died: {exc}", reason="worker_died") from None
-        finally:
-            self._in_flight[index] -= 1
+            status, value, node = await asyncio.wait_for(_wait(ref), self._timeout_s)
+        except TimeoutError:
+            ray.cancel(ref, force=True)  # a hung worker is killed; Ray starts another
+            seconds = self._timeout_s or 0
+            raise PermanentError(f"timed out after {seconds:g} s", reason="timeout") from None
+        except (RayActorError, WorkerCrashedError) as exc:
+            raise PermanentError(f"worker died: {exc}", reason="worker_died") from None
         self._nodes[node] += len(items)
         if status == "error":
             raise value
@@ -219,23 +221,31 @@ class RayExecutor:
         if cfg.pool.kind == "async":
             spec = StageSpec(cfg.uses, cfg.name, dict(cfg.params))
             actor = _Async.options(  # type: ignore[attr-defined]
-                num_cpus=0, max_concurrency=cfg.pool.size, max_restarts=-1
+                num_cpus=0,
+                max_concurrency=cfg.pool.size,
+                max_restarts=-1,
+                max_task_retries=_CALL_RETRIES,
             ).remote(spec, cfg.pool.size)
-            return RayPool(stage, kind="async", actors=[actor], timeout_s=cfg.timeout_s)
+            return RayPool(
+                stage,
+                kind="async",
+                call=actor.run.remote,
+                actors=[actor],
+                timeout_s=cfg.timeout_s,
+            )
         chain = [
             StageSpec(cfg.uses, cfg.name, dict(cfg.params)),
             *(StageSpec(f.uses, f.name, dict(f.params)) for f in cfg.fused),
         ]
-        actors = [
-            _Blocking.options(  # type: ignore[attr-defined]
-                num_cpus=1,
-                max_restarts=-1,
-                max_task_retries=_CALL_RETRIES,
-                scheduling_strategy="SPREAD",
-            ).remote(chain, cfg.pool.size)
-            for _ in range(cfg.pool.size)
-        ]
-        return RayPool(stage, kind="process", actors=actors, timeout_s=cfg.timeout_s)
+        task = _run_blocking.options(  # type: ignore[attr-defined]
+            num_cpus=1, max_retries=_CALL_RETRIES, scheduling_strategy="SPREAD"
+        )
+        return RayPool(
+            stage,
+            kind="process",
+            call=lambda items: task.remote(cfg.name, chain, cfg.pool.size, items),
+            timeout_s=cfg.timeout_s,
+        )
 
     def close(self) -> None:
         ray.shutdown()  # disconnects; a local instance started for the run stops
@@ -252,4 +262,4 @@ def ray_placement(cfg: StageConfig) -> str:
         return f"on the driver, {cfg.pool.size} thread(s)"
     if cfg.pool.kind == "async":
         return f"1 async Ray actor, up to {cfg.pool.size} calls at once"
-    return f"{cfg.pool.size} Ray actors x 1 CPU, spread over the nodes"
+    return f"Ray tasks x 1 CPU, up to {cfg.pool.size} at once, spread over the nodes"
