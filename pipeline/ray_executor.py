@@ -237,7 +237,7 @@ class RayExecutor:
             StageSpec(cfg.uses, cfg.name, dict(cfg.params)),
             *(StageSpec(f.uses, f.name, dict(f.params)) for f in cfg.fused),
         ]
-        task = _run_blocking.options(  # type: ignore[attr-defined]
+        task = _run_blocking.options(
             num_cpus=1, max_retries=_CALL_RETRIES, scheduling_strategy="SPREAD"
         )
         return RayPool(
