@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 # As the executor does before importing Ray for a local instance: loopback only.
@@ -258,3 +260,77 @@ def test_validate_without_ray_installed_exits_2_saying_how_to_install(tmp_path: 
     )
     assert run.returncode == 2, run.stderr
     assert "executor" in run.stderr and "pip install '.[ray]'" in run.stderr
+
+
+def _metric(port: int, name: str) -> float:
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise LookupError(name)
+
+
+def test_a_hung_api_bounds_what_the_source_hands_on(tmp_path: Path) -> None:
+    from bench.corpus import generate
+
+    corpus = 400
+    with FaultServer() as server:
+        config = project(tmp_path, server.url, files=[], top="executor: ray")
+        generate(tmp_path / "docs", docs=corpus, pages=1)
+        server.hang()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        proc = start("run", "-c", str(config), "--no-progress", "--metrics-port", str(port))
+        try:
+            assert server.wait_for_requests(1, timeout=120)
+            assert proc.stderr is not None
+            handed = []
+            for _ in range(2):  # two status lines, 10 s apart: time passes, nothing enters
+                while "documents (" not in proc.stderr.readline():
+                    pass
+                handed.append(_metric(port, "pipeline_source_documents_total"))
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+            server.release()
+    assert handed[0] == handed[1] < corpus / 4
+
+
+def test_two_nodes_share_extraction_and_a_lost_node_loses_nothing(
+    tmp_path: Path, embed_server: EmbeddingServer
+) -> None:
+    from ray.cluster_utils import Cluster
+
+    files = [name.name for name in sorted(PDFS.glob("*.pdf"))]
+    clean = project(tmp_path / "clean", embed_server.url, files=files)
+    assert pipeline("run", "-c", str(clean), "--no-progress").returncode == 0
+
+    node = {"num_cpus": 1, "object_store_memory": 96 * 1024 * 1024}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(**node)
+        report = tmp_path / "report.json"
+        both = project(tmp_path / "both", embed_server.url, files=files)
+        run = pipeline(
+            "run", "-c", str(both), "--no-progress", "--ray-address", cluster.address,
+            "--report", str(report),
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        extract = json.loads(report.read_text())["stages"][0]
+        assert len(extract["nodes"]) == 2, extract["nodes"]  # both nodes extracted
+        assert points(tmp_path / "both") == points(tmp_path / "clean")
+
+        with FaultServer() as server:
+            lost = project(tmp_path / "lost", server.url, files=files)
+            server.hang()  # extraction runs ahead while embedding waits
+            proc = start("run", "-c", str(lost), "--no-progress", "--ray-address", cluster.address)
+            assert server.wait_for_requests(1, timeout=120)
+            cluster.remove_node(worker)
+            server.release()
+            _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        lost.write_text(lost.read_text().replace(server.url, embed_server.url))
+        assert pipeline("run", "-c", str(lost), "--no-progress").returncode == 0
+        assert points(tmp_path / "lost") == points(tmp_path / "clean")
+    finally:
+        cluster.shutdown()
