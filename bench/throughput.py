@@ -378,6 +378,7 @@ class BenchOptions:
     extract_workers: int | None = None  # None: as in pipeline.yaml ("auto")
     extractor: str = "pypdf"  # pdf.extract's engine: pypdf or pdfium
     model: str = "hash-384"  # what the embedding server serves
+    executor: str = "local"  # or "ray": a local Ray instance started by the run
     engine: str = "edge"
     chunk_size: int | None = None
     chunk_overlap: int | None = None
@@ -392,6 +393,7 @@ def write_config(folder: Path, corpus: Path, url: str, opts: BenchOptions) -> Pa
 
     config = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
     config["source"] = {**config.get("source", {}), "path": str(corpus)}
+    config["executor"] = opts.executor
     config["state"] = str(folder / "state.db")
     for stage in config["stages"]:
         params = stage.setdefault("with", {})
@@ -695,6 +697,7 @@ def _parser() -> argparse.ArgumentParser:
         help="extract pool size, and the bare baseline's processes (default: CPU count)",
     )
     p.add_argument("--engine", choices=("edge", "qdrant-client"), default="edge")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
     p.add_argument("--chunk-size", type=int, help="text.chunk size in characters")
     p.add_argument("--chunk-overlap", type=int, help="text.chunk overlap in characters")
     p.add_argument("--store-batch", type=int, help="points per upsert (stage default 256)")
@@ -725,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extract_workers=args.extract_workers,
         extractor=args.extractor,
         engine=args.engine,
+        executor=args.executor,
         chunk_size=args.chunk_size,
         chunk_overlap=args.chunk_overlap,
         store_batch=args.store_batch,

@@ -52,7 +52,8 @@ __all__ = ["RayExecutor", "ray_placement"]
 
 logger = logging.getLogger(__name__)
 
-_CALL_RETRIES = 2  # re-runs of a call whose actor died (its node lost, a segfault)
+_CALL_RETRIES = 2  # re-runs of a call whose worker died (its node lost, a segfault)
+_BATCHES_PER_TASK = 4
 _Result = tuple[str, Any, str]  # ("ok", (items, pages, counts), node) or ("error", exc, node)
 
 
@@ -126,7 +127,11 @@ class RayPool:
     ) -> None:
         self.kind = kind
         self.size = stage.concurrency
-        self.batch_size = stage.batch_size
+        # A Ray call costs a few milliseconds of scheduling and object transfer: a
+        # process-pool stage's calls carry several of its batches (a failing call is
+        # split by the engine, so a bad document still fails alone).
+        self._batches = _BATCHES_PER_TASK if kind == "process" else 1
+        self.batch_size = stage.batch_size * self._batches
         self.stage = stage  # a tally: the workers send their counts back with each call
         self._call = call
         self._actors = list(actors)
@@ -151,12 +156,15 @@ class RayPool:
 
     async def run(self, items: list[Item]) -> list[Item]:
         ref = self._call(items)
+        # `timeout_s` bounds one of the stage's own batches; a call carrying several
+        # gets as many (a call that times out is split, and each batch tried alone).
+        batches = -(-len(items) // max(1, self.batch_size // self._batches))
+        timeout = None if self._timeout_s is None else self._timeout_s * batches
         try:
-            status, value, node = await asyncio.wait_for(_wait(ref), self._timeout_s)
+            status, value, node = await asyncio.wait_for(_wait(ref), timeout)
         except TimeoutError:
             ray.cancel(ref, force=True)  # a hung worker is killed; Ray starts another
-            seconds = self._timeout_s or 0
-            raise PermanentError(f"timed out after {seconds:g} s", reason="timeout") from None
+            raise PermanentError(f"timed out after {timeout:g} s", reason="timeout") from None
         except (RayActorError, WorkerCrashedError) as exc:
             raise PermanentError(f"worker died: {exc}", reason="worker_died") from None
         self._nodes[node] += len(items)

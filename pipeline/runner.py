@@ -338,7 +338,12 @@ class Runner:
             return lambda items: self._timed(st, items)
 
         async def attempt(items: list[Item]) -> list[Item]:
-            permit = slots.pop() if slots else await limit.acquire()
+            if slots:
+                permit = slots.pop()
+            elif st.retry.breaker.open:  # the probe: holders of slots wait on it
+                permit = limit.take()
+            else:
+                permit = await limit.acquire()
             limit.begin(permit)
             try:
                 result = await self._timed(st, items)
