@@ -277,13 +277,13 @@ RAY: Mapping[str, Key] = {
 }
 TOP: Mapping[str, Key] = {
     "source": Key(section(SOURCE), "Where the documents come from.", required=True),
+    "state": Key(text("a file path"), "Progress database, relative to this file.", required=True),
     "executor": Key(
         choice(("local", "ray")),
         "local: this machine's pools and channels; ray: the same stages on a Ray cluster.",
         default="local",
     ),
     "ray": Key(section(RAY), "executor: ray: which cluster."),
-    "state": Key(text("a file path"), "Progress database, relative to this file.", required=True),
     "shutdown_timeout_s": Key(number(0, exclusive=True), "SIGTERM grace period.", default=30.0),
     "watch": Key(section(WATCH), "`pipeline watch`: settling and rescans."),
     "min_free_mb": Key(
