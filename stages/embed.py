@@ -50,10 +50,21 @@ from pipeline.stage import AsyncStage, Item, Param, ParamProblem, PoolKind
 from stages.error_body import reason_of
 from stages.model_window import WindowCounter, known_window, window_from_reply
 
-__all__ = ["Embed", "parse_retry_after"]
+__all__ = ["Embed", "parse_retry_after", "texts_of"]
 
 logger = logging.getLogger(__name__)
 _INFO_TIMEOUT_S = 5.0
+
+
+def texts_of(items: list[Item]) -> list[str]:
+    """The chunk texts to embed; an item without one fails (a stage order mistake)."""
+    texts = []
+    for item in items:
+        text = item.data.get("text")
+        if not isinstance(text, str):
+            raise PermanentError(f"{item.doc}: item has no text to embed", reason="no_text")
+        texts.append(text)
+    return texts
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -204,12 +215,7 @@ class Embed(AsyncStage):
 
     async def process(self, items: list[Item]) -> list[Item]:
         """One request for all `items`; each comes back with "vector", in order."""
-        texts = []
-        for item in items:
-            text = item.data.get("text")
-            if not isinstance(text, str):
-                raise PermanentError(f"{item.doc}: item has no text to embed", reason="no_text")
-            texts.append(text)
+        texts = texts_of(items)
         vectors = await self._embed(texts)
         over = self._window.count(texts) if self._window is not None else 0
         if over and self._window is not None and self._window.over == over:  # the first ones

@@ -27,9 +27,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pipeline.config import cpu_count
-from pipeline.errors import PermanentError
 from pipeline.stage import Item, Param, ParamProblem, PoolKind, Stage
 from stages import local_model
+from stages.embed import texts_of
 from stages.model_window import WindowCounter
 
 if TYPE_CHECKING:
@@ -132,12 +132,7 @@ class LocalEmbed(Stage):
         model = self._model
         if model is None:
             raise RuntimeError(f"{self.name}: open() was not called")
-        texts = []
-        for item in items:
-            text = item.data.get("text")
-            if not isinstance(text, str):
-                raise PermanentError(f"{item.doc}: item has no text to embed", reason="no_text")
-            texts.append(text)
+        texts = texts_of(items)
         self._count_cut(model, texts)
         vectors = local_model.encode(model, texts, batch=int(self.params["batch"]))
         return [
