@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import RayActorError, RayError, WorkerCrashedError
 
-from pipeline.errors import FatalError, PermanentError, StageError
+from pipeline.errors import FatalError, PermanentError, PipelineError, StageError
 from pipeline.pools import StageSpec, ThreadPool, build_chain, run_chain
 from pipeline.ray_reaper import start_reaper
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
@@ -61,8 +61,10 @@ def _node() -> str:
     return str(ray.get_runtime_context().get_node_id())[:12]
 
 
-def _failed(exc: Exception) -> PermanentError | StageError:
-    if isinstance(exc, StageError):
+def _failed(exc: Exception) -> PipelineError:
+    """What a call's exception means to the driver: a stage's error or a fatal one as
+    it is, anything else a bug in the stage that fails its items."""
+    if isinstance(exc, StageError | FatalError):
         return exc
     return PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
 
@@ -95,17 +97,29 @@ class _Async:
         if not isinstance(stage, AsyncStage):
             raise TypeError(f"{spec.uses} is not an async stage")
         self._stage = stage
+        self._open = False
+        self._opening = asyncio.Lock()
 
     async def ready(self) -> str:
-        await self._stage.open()
+        await self._opened()
         return _node()
+
+    async def _opened(self) -> AsyncStage:
+        """The stage, opened once: also after Ray restarts the actor (its node lost),
+        which runs `__init__` again but not `ready`."""
+        async with self._opening:
+            if not self._open:
+                await self._stage.open()
+                self._open = True
+        return self._stage
 
     async def run(self, items: list[Item]) -> _Result:
         try:
-            out = await self._stage.process(items)
+            stage = await self._opened()
+            out = await stage.process(items)
         except Exception as exc:  # noqa: BLE001 - errors ride back as values
             return ("error", _failed(exc), _node())
-        counts, self._stage.counts = self._stage.counts, Counter()
+        counts, stage.counts = stage.counts, Counter()
         return ("ok", (out, 0, counts), _node())
 
     async def close(self) -> None:
