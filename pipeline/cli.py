@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     _run_args(p)
     p = command("watch", _cmd_watch, "Index the source folder, then keep following its changes.")
     config_arg(p)
+    _executor_args(p)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--no-progress", action="store_true", help="plain status lines, no live view")
@@ -114,11 +115,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
+def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor", choices=("local", "ray"), help="where stages run (default: the config's)"
     )
     p.add_argument("--ray-address", help="join this Ray cluster (implies --executor ray)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _executor_args(p)
     p.add_argument("--source", type=Path, help="index this folder instead of source.path")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1")
@@ -195,7 +200,7 @@ def _run(args: argparse.Namespace, *, requeue: list[str] | None) -> int:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _with_executor(load_config(args.config), args)
     args.report = None
     _check_run_flags(args)
     from pipeline.watch import watch_session

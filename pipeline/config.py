@@ -129,6 +129,14 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def _remote(address: str | None) -> bool:
+    """Whether a Ray address names another machine's cluster (not this machine's)."""
+    if address is None or address in ("auto", "local"):
+        return False
+    host = address.removeprefix("ray://").rsplit(":", 1)[0]
+    return host not in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
 def ray_installed() -> bool:
     """Whether Ray can be imported, without importing it (a second or more)."""
     try:
@@ -229,6 +237,9 @@ class _Loader:
         src = self.source(top["source"], source)
         names: dict[str, int] = {}
         stages = tuple(self.stage(index, raw, names) for index, raw in enumerate(top["stages"]))
+        ray = RayConfig(**self.section(top["ray"] or {}, ("ray",), RAY))
+        if top["executor"] == "ray" and _remote(ray.address):
+            self.driver_paths(stages)
         return PipelineConfig(
             file=path,
             source=src,
@@ -238,8 +249,24 @@ class _Loader:
             min_free_mb=top["min_free_mb"],
             watch=WatchConfig(**self.section(top["watch"] or {}, ("watch",), WATCH)),
             executor=top["executor"],
-            ray=RayConfig(**self.section(top["ray"] or {}, ("ray",), RAY)),
+            ray=ray,
         )
+
+    def driver_paths(self, stages: tuple[StageConfig, ...]) -> None:
+        """On a remote Ray cluster, a stage whose workers run on other machines cannot
+        use a folder of the driver's (a store, a file): refuse it before any work."""
+        for index, stage in enumerate(stages):
+            if stage.pool.kind != "process":
+                continue  # thread stages run on the driver, async ones only call out
+            for name, param in stage.cls.PARAMS.items():
+                if param.type == "path" and stage.params.get(name) is not None:
+                    expected = (
+                        "no path of the driver's on a stage that runs on the cluster's nodes "
+                        "(executor ray with a remote ray.address): pool kind thread runs it "
+                        "on the driver"
+                    )
+                    got = str(stage.params[name])
+                    raise self.fail(("stages", index, "with", name), expected, got)
 
     def source(self, raw: Mapping[str, Any] | None, override: Path | None) -> SourceConfig:
         waive = {"path"} if override is not None else set()

@@ -56,6 +56,9 @@ class Pool(Protocol):
     def nodes(self) -> dict[str, int]:
         """Items each machine handled (node id -> items); empty on one machine."""
 
+    def notes(self) -> list[str]:
+        """The stage's end-of-run notes (`StageBase.notes`), wherever it ran."""
+
     @property
     def stage(self) -> StageBase:
         """The engine's copy of the stage: the working one on thread and async pools,
@@ -134,6 +137,9 @@ class AsyncPool:
     def nodes(self) -> dict[str, int]:
         return {}
 
+    def notes(self) -> list[str]:
+        return self.stage.notes()
+
     async def run(self, items: list[Item]) -> list[Item]:
         return await _within(self._timeout_s, self.stage.process(items))
 
@@ -165,6 +171,9 @@ class ThreadPool:
 
     def nodes(self) -> dict[str, int]:
         return {}
+
+    def notes(self) -> list[str]:
+        return self.stage.notes()
 
     async def run(self, items: list[Item]) -> list[Item]:
         # A thread cannot be killed: on timeout the item fails and the call runs on
@@ -217,6 +226,9 @@ class ProcessPool:
 
     def nodes(self) -> dict[str, int]:
         return {}
+
+    def notes(self) -> list[str]:
+        return self.stage.notes()
 
     async def run(self, items: list[Item]) -> list[Item]:
         future = self._pool.schedule(_worker_process, args=(items,), timeout=self._timeout_s)

@@ -4,8 +4,9 @@
 executor has (`pipeline.executor`) and moves the stages' work onto Ray:
 
     process-pool stage   Ray tasks of one CPU, up to `pool.size` at once, spread over
-                         the nodes; a Ray worker process builds the stage and the
-                         stages fused into it on its first task and keeps them
+                         the nodes (a local model's tasks also get a GPU each where
+                         the cluster has GPUs); a Ray worker process builds the stage
+                         and the stages fused into it on its first task and keeps them
     async-pool stage     one async actor (`_Async`) running up to `pool.size` calls at
                          once; the driver's adaptive limit decides how many are in
                          flight, so together they never overload the API
@@ -54,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 _CALL_RETRIES = 2  # re-runs of a call whose worker died (its node lost, a segfault)
 _BATCHES_PER_TASK = 4
-_Result = tuple[str, Any, str]  # ("ok", (items, pages, counts), node) or ("error", exc, node)
+# ("ok", (items, pages, counts, notes), node) or ("error", exc, node)
+_Result = tuple[str, Any, str]
 
 
 def _node() -> str:
@@ -81,7 +83,7 @@ def _run_blocking(key: str, chain: list[StageSpec], workers: int, items: list[It
         stages = _chains.get(key)
         if stages is None:
             stages = _chains[key] = build_chain(chain, workers=workers)
-        return ("ok", run_chain(stages, items), _node())
+        return ("ok", (*run_chain(stages, items), []), _node())
     except Exception as exc:  # noqa: BLE001 - errors ride back as values
         return ("error", _failed(exc), _node())
 
@@ -120,7 +122,7 @@ class _Async:
         except Exception as exc:  # noqa: BLE001 - errors ride back as values
             return ("error", _failed(exc), _node())
         counts, stage.counts = stage.counts, Counter()
-        return ("ok", (out, 0, counts), _node())
+        return ("ok", (out, 0, counts, stage.notes()), _node())
 
     async def close(self) -> None:
         await self._stage.close()
@@ -152,6 +154,7 @@ class RayPool:
         self._timeout_s = timeout_s
         self._pages = 0
         self._nodes: Counter[str] = Counter()
+        self._notes: list[str] = []
 
     def take_pages(self) -> int:
         pages, self._pages = self._pages, 0
@@ -159,6 +162,10 @@ class RayPool:
 
     def nodes(self) -> dict[str, int]:
         return dict(self._nodes)
+
+    def notes(self) -> list[str]:
+        """The actor's latest notes; a task stage's come from the counts sent back."""
+        return self._notes or self.stage.notes()
 
     async def open(self) -> None:
         """Wait for every actor to start and open its stages: a stage that cannot open
@@ -184,9 +191,10 @@ class RayPool:
         self._nodes[node] += len(items)
         if status == "error":
             raise value
-        out, pages, counts = value
+        out, pages, counts, notes = value
         self._pages += pages
         self.stage.counts.update(counts)
+        self._notes = notes or self._notes  # an actor's notes so far, as of this call
         return list(out)
 
     async def discard(self, docs: Sequence[str]) -> None:
@@ -259,8 +267,12 @@ class RayExecutor:
             StageSpec(cfg.uses, cfg.name, dict(cfg.params)),
             *(StageSpec(f.uses, f.name, dict(f.params)) for f in cfg.fused),
         ]
+        # A local model gets a GPU per call where the cluster has GPUs (Ray's own
+        # batch-inference layout); everything else one CPU.
+        cluster: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        gpus = 1 if stage.wants_gpu() and cluster.get("GPU", 0) > 0 else 0
         task = _run_blocking.options(
-            num_cpus=1, max_retries=_CALL_RETRIES, scheduling_strategy="SPREAD"
+            num_cpus=1, num_gpus=gpus, max_retries=_CALL_RETRIES, scheduling_strategy="SPREAD"
         )
         return RayPool(
             stage,

@@ -250,7 +250,7 @@ class Runner:
 
     async def _close_stages(self) -> None:
         for st in self._stages:
-            self.outcome.notes += [f"{st.cfg.name}: {note}" for note in st.pool.stage.notes()]
+            self.outcome.notes += [f"{st.cfg.name}: {note}" for note in st.pool.notes()]
             try:
                 await st.pool.close()
             except Exception:  # noqa: BLE001 - closing must reach every pool; recorded

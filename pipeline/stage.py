@@ -135,6 +135,11 @@ class StageBase:
         """Where the work runs beyond the pool (a device, threads), for `pipeline validate`."""
         return ""
 
+    def wants_gpu(self) -> bool:
+        """Whether a copy would use a GPU if its machine had one (a local model): on a
+        Ray cluster with GPUs, each copy then gets one."""
+        return False
+
 
 class Stage(StageBase, ABC):
     """A blocking stage: runs in a worker process or a thread.

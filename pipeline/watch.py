@@ -32,6 +32,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.disk import low_space, written_paths
 from pipeline.errors import FatalError
+from pipeline.executor import Executor, open_executor
 from pipeline.metrics import Metrics
 from pipeline.outcome import EXIT_SIGNAL
 from pipeline.runner import Runner
@@ -54,15 +55,27 @@ def watch_session(
         state,
         metrics,
     ):
-        watcher = Watcher(config, state=state, metrics=metrics)
-        return asyncio.run(watcher.run(live=progress and sys.stderr.isatty()))
+        executor = open_executor(config)  # before the loop: ray.init takes SIGTERM's handler
+        try:
+            watcher = Watcher(config, state=state, metrics=metrics, executor=executor)
+            return asyncio.run(watcher.run(live=progress and sys.stderr.isatty()))
+        finally:
+            executor.close()
 
 
 class Watcher:
     """Passes over the source folder, one at a time, for as long as it is told to."""
 
-    def __init__(self, config: PipelineConfig, *, state: RunState, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        state: RunState,
+        metrics: Metrics,
+        executor: Executor | None = None,
+    ) -> None:
         self.config = config
+        self.executor = executor
         self.state = state
         self.metrics = metrics
         self.passes = 0
@@ -100,7 +113,13 @@ class Watcher:
             self.passes += 1
             self.changed.clear()
             self._wake.clear()
-            runner = Runner(self.config, state=self.state, metrics=self.metrics, settle_s=settle)
+            runner = Runner(
+                self.config,
+                state=self.state,
+                metrics=self.metrics,
+                settle_s=settle,
+                executor=self.executor,
+            )
             self._runner = runner
             try:
                 outcome = await observed(runner, live=live)

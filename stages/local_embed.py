@@ -115,6 +115,10 @@ class LocalEmbed(Stage):
             return f"{source}, on the CPU with {self._threads()} torch threads per worker"
         return f"{source}, on {device}, one GPU per worker (pool.size: the number of GPUs)"
 
+    def wants_gpu(self) -> bool:
+        device = str(self.params["device"])
+        return device == "auto" or device.startswith("cuda")
+
     def _threads(self) -> int:
         threads = self.params["threads"]
         return int(threads) if threads else max(1, cpu_count() // max(1, self.concurrency))

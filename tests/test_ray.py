@@ -334,3 +334,21 @@ def test_two_nodes_share_extraction_and_a_lost_node_loses_nothing(
         assert points(tmp_path / "lost") == points(tmp_path / "clean")
     finally:
         cluster.shutdown()
+
+
+def test_a_remote_cluster_refuses_a_driver_path_on_a_stage_its_nodes_run(tmp_path: Path) -> None:
+    from tests.toy_stages import Logged
+
+    config = project(tmp_path, "http://127.0.0.1:9/v1", top="executor: ray")
+    stage = f"{Logged.__module__}:Logged"
+    text = config.read_text().replace(
+        "  - name: embed",
+        f"  - {{name: double, uses: '{stage}', pool: {{kind: process}}, with: {{log: out}}}}\n"
+        "  - name: embed",
+    )
+    config.write_text(text)
+    assert pipeline("validate", "-c", str(config)).returncode == 0  # a local Ray: one machine
+    config.write_text(text.replace(RAY, "ray: {address: 'ray://head.example:10001'}"))
+    run = pipeline("validate", "-c", str(config))
+    assert run.returncode == 2, run.stderr
+    assert "stages[2].with.log" in run.stderr and "pool kind thread" in run.stderr

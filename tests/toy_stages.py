@@ -29,6 +29,15 @@ class Double(Stage):
         return [Item(item.doc, {**item.data, "n": item.data["n"] * factor}) for item in items]
 
 
+class Logged(Double):
+    """Double, with a folder of the machine it runs on (where a Ray node cannot look)."""
+
+    PARAMS: ClassVar[Mapping[str, Param]] = {
+        **Double.PARAMS,
+        "log": Param("path", default=None, doc="A folder of the machine it runs on."),
+    }
+
+
 class Echo(AsyncStage):
     """Returns its items unchanged, tagged with `label`; one parameter of each type."""
 
