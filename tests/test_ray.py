@@ -352,3 +352,18 @@ def test_a_remote_cluster_refuses_a_driver_path_on_a_stage_its_nodes_run(tmp_pat
     run = pipeline("validate", "-c", str(config))
     assert run.returncode == 2, run.stderr
     assert "stages[2].with.log" in run.stderr and "pool kind thread" in run.stderr
+
+
+def test_the_local_executor_never_imports_ray(
+    tmp_path: Path, embed_server: EmbeddingServer
+) -> None:
+    config = project(tmp_path, embed_server.url)
+    script = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        f"code = main(['run', '-c', {str(config)!r}, '--no-progress'])\n"
+        "sys.exit(code or (9 if 'ray' in sys.modules else 0))\n"
+    )
+    command = [sys.executable, "-c", script]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
