@@ -76,7 +76,7 @@ def _failed(exc: Exception) -> PipelineError:
 _chains: dict[str, list[Stage]] = {}
 
 
-@ray.remote
+@ray.remote  # type: ignore[untyped-decorator]
 def _run_blocking(key: str, chain: list[StageSpec], workers: int, items: list[Item]) -> _Result:
     """One call of a process-pool stage (and the stages fused into it) as a Ray task."""
     try:
@@ -269,7 +269,7 @@ class RayExecutor:
         ]
         # A local model gets a GPU per call where the cluster has GPUs (Ray's own
         # batch-inference layout); everything else one CPU.
-        cluster: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        cluster: dict[str, float] = ray.cluster_resources()
         gpus = 1 if stage.wants_gpu() and cluster.get("GPU", 0) > 0 else 0
         task = _run_blocking.options(
             num_cpus=1, num_gpus=gpus, max_retries=_CALL_RETRIES, scheduling_strategy="SPREAD"

@@ -171,7 +171,7 @@ def load(model: str, *, device: str, threads: int | None = None) -> SentenceTran
     from transformers.utils import logging as transformers_logging
 
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)  # "Loading ..."
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # "Loading weights"
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars
     if threads is not None:
         torch.set_num_threads(threads)
     return SentenceTransformer(str(path), device=_claim(pick_device(device)), local_files_only=True)
