@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 _CALL_RETRIES = 2  # re-runs of a call whose worker died (its node lost, a segfault)
 _BATCHES_PER_TASK = 4
+_START_S = 5.0  # added to a call's timeout: Ray starting a worker process for it
 # ("ok", (items, pages, counts, notes), node) or ("error", exc, node)
 _Result = tuple[str, Any, str]
 
@@ -178,13 +179,16 @@ class RayPool:
     async def run(self, items: list[Item]) -> list[Item]:
         ref = self._call(items)
         # `timeout_s` bounds one of the stage's own batches; a call carrying several
-        # gets as many (a call that times out is split, and each batch tried alone).
+        # gets as many (a call that times out is split, and each batch tried alone),
+        # plus the time Ray may take to start a worker for it (one was just killed).
         batches = -(-len(items) // max(1, self.batch_size // self._batches))
-        timeout = None if self._timeout_s is None else self._timeout_s * batches
+        timeout = None if self._timeout_s is None else self._timeout_s * batches + _START_S
         try:
             status, value, node = await asyncio.wait_for(_wait(ref), timeout)
         except TimeoutError:
-            ray.cancel(ref, force=True)  # a hung worker is killed; Ray starts another
+            # A hung task's worker is killed (Ray starts another); an actor's call is
+            # cancelled in its event loop (actors cannot be force-cancelled).
+            ray.cancel(ref, force=self.kind == "process")
             raise PermanentError(f"timed out after {timeout:g} s", reason="timeout") from None
         except (RayActorError, WorkerCrashedError) as exc:
             raise PermanentError(f"worker died: {exc}", reason="worker_died") from None

@@ -367,3 +367,25 @@ def test_the_local_executor_never_imports_ray(
     command = [sys.executable, "-c", script]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_hung_document_fails_at_its_timeout_and_only_it(
+    tmp_path: Path, embed_server: EmbeddingServer
+) -> None:
+    from tests.toy_stages import Pages
+
+    config = project(tmp_path, embed_server.url, top="executor: ray")
+    (tmp_path / "docs" / "hang.pdf").write_bytes(b"%PDF-1.4 never read")
+    stage = f"{Pages.__module__}:Pages"
+    config.write_text(
+        config.read_text().replace(
+            "uses: pdf.extract, pool: {kind: process, size: 2}, timeout_s: 60",
+            f"uses: '{stage}', pool: {{kind: process, size: 2}}, timeout_s: 2",
+        )
+    )
+    run = pipeline("run", "-c", str(config), "--no-progress")
+    assert run.returncode == 1, run.stderr
+    assert rows(tmp_path) == {
+        **{name: ("indexed", None) for name in FILES},
+        "hang.pdf": ("failed", "timeout"),
+    }

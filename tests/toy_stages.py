@@ -9,6 +9,7 @@ stays right however pytest imported this file.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -36,6 +37,22 @@ class Logged(Double):
         **Double.PARAMS,
         "log": Param("path", default=None, doc="A folder of the machine it runs on."),
     }
+
+
+class Pages(Stage):
+    """Stands in for extraction: one page of fixed text per document, except that a
+    document whose name contains "hang" never finishes (a hung parser)."""
+
+    POOLS: ClassVar[tuple[PoolKind, ...]] = ("process", "thread")
+
+    def process(self, items: list[Item]) -> list[Item]:
+        if any("hang" in item.doc for item in items):
+            threading.Event().wait()  # forever: only the stage's timeout ends it
+        return [
+            Item(item.doc, {"path": item.doc, "sha256": item.data.get("sha256"),
+                            "pages": [(1, f"The text of {item.doc}.")]})
+            for item in items
+        ]  # fmt: skip
 
 
 class Echo(AsyncStage):
