@@ -380,7 +380,7 @@ def test_a_hung_document_fails_at_its_timeout_and_only_it(
     config.write_text(
         config.read_text().replace(
             "uses: pdf.extract, pool: {kind: process, size: 2}, timeout_s: 60",
-            f"uses: '{stage}', pool: {{kind: process, size: 2}}, timeout_s: 2",
+            f"uses: '{stage}', pool: {{kind: process, size: 2}}, timeout_s: 1",
         )
     )
     run = pipeline("run", "-c", str(config), "--no-progress")
