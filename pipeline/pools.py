@@ -308,6 +308,16 @@ def run_chain(
     fused stages consumed (the engine counts pages from the `pages` field), and what
     the first stage counted since the last call that returned."""
     first, *fused = chain
+    try:
+        out, pages = _run_fused(first, fused, items)
+    except BaseException:
+        first.counts.clear()  # the engine retries or splits the call: it counts again
+        raise
+    counts, first.counts = first.counts, Counter()
+    return out, pages, counts
+
+
+def _run_fused(first: Stage, fused: Sequence[Stage], items: list[Item]) -> tuple[list[Item], int]:
     out = first.process(items)
     pages = 0
     for stage in fused:
@@ -321,5 +331,4 @@ def run_chain(
             error = PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
             error.stage = stage.name
             raise error from exc
-    counts, first.counts = first.counts, Counter()
-    return out, pages, counts
+    return out, pages

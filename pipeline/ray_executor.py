@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.exceptions import RayActorError, RayError, WorkerCrashedError
+from ray.exceptions import OutOfMemoryError, RayError
 
 from pipeline.errors import FatalError, PermanentError, PipelineError, StageError
 from pipeline.pools import StageSpec, ThreadPool, build_chain, run_chain
@@ -190,7 +191,10 @@ class RayPool:
             # cancelled in its event loop (actors cannot be force-cancelled).
             ray.cancel(ref, force=self.kind == "process")
             raise PermanentError(f"timed out after {timeout:g} s", reason="timeout") from None
-        except (RayActorError, WorkerCrashedError) as exc:
+        except OutOfMemoryError:
+            message = "Ray's memory monitor killed its worker"
+            raise PermanentError(message, reason="out_of_memory") from None
+        except RayError as exc:  # its worker or node died, its result was lost: past retries
             raise PermanentError(f"worker died: {exc}", reason="worker_died") from None
         self._nodes[node] += len(items)
         if status == "error":
@@ -290,8 +294,10 @@ class RayExecutor:
         self._stop_reaper()
 
     def _stop_reaper(self) -> None:
-        if self._reaper is not None and self._reaper.stdin is not None:
-            self._reaper.stdin.close()  # the reaper sweeps up what did not stop
+        reaper = self._reaper
+        if reaper is not None and reaper.stdin is not None:
+            reaper.stdin.close()  # the reaper sweeps up what did not stop, then exits
+            threading.Thread(target=reaper.wait, daemon=True).start()  # no zombie left
 
 
 def ray_placement(cfg: StageConfig) -> str:

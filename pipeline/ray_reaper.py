@@ -5,7 +5,7 @@ runs no code: raylet and the GCS exit once they lose it, while agents they start
 (the dashboard and runtime-env agents) are re-parented to init and live on. So a
 run that starts its own Ray also starts this reaper: a small process that holds
 the read end of a pipe from the run. While the run lives it notes, every half
-second, every process descended from the run (with its start time, so a reused
+second, every Ray process descended from the run (with its start time, so a reused
 PID is never mistaken for one of them). When the pipe closes (the run ended,
 however it ended) it gives Ray a moment to stop on its own, then kills whatever of
 those processes is still there.
@@ -60,6 +60,14 @@ def _parents() -> dict[int, int]:
     return parents
 
 
+def _is_ray(pid: int) -> bool:
+    """Ray's own processes (raylet, gcs_server, agents, workers): only those are swept."""
+    try:
+        return b"ray" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _descendants(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for pid, parent in _parents().items():
@@ -89,6 +97,8 @@ def main(argv: list[str]) -> int:
     seen: dict[int, str] = {}
     while True:
         for pid in _descendants(driver):
+            if pid in seen or not _is_ray(pid):
+                continue
             started = _start_time(pid)
             if started is not None:
                 seen.setdefault(pid, started)

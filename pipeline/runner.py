@@ -246,7 +246,10 @@ class Runner:
             )
             self.metrics.watch_counters(pool.stage)
             await pool.open()
-        check_space(self.config, {st.cfg.name: st.pool.stage for st in self._stages})
+        try:
+            check_space(self.config, {st.cfg.name: st.pool.stage for st in self._stages})
+        except StageError as exc:  # the store could not say (a server timing out)
+            raise FatalError(f"cannot read which model built the collection: {exc}") from exc
 
     async def _close_stages(self) -> None:
         for st in self._stages:

@@ -276,6 +276,10 @@ class _EmbeddingHandler(JSONRequestHandler):
         except UnsupportedDimensions as exc:
             self.send_json(400, error_body(str(exc), param="dimensions"))
             return
+        except Exception as exc:  # noqa: BLE001 - the model failed: say so, keep serving
+            logger.exception("embedding failed")
+            self.send_json(500, error_body(f"the model failed: {exc}", kind="server_error"))
+            return
         self.send_json(200, embedding_reply(request, vectors))
 
 

@@ -133,6 +133,8 @@ class LocalEmbed(Stage):
 
     def process(self, items: list[Item]) -> list[Item]:
         """One forward pass over all `items`; each comes back with its "vector"."""
+        if not items:
+            return []
         model = self._model
         if model is None:
             raise RuntimeError(f"{self.name}: open() was not called")
@@ -146,6 +148,8 @@ class LocalEmbed(Stage):
 
     def embed_texts(self, texts: list[str]) -> list[list[float]]:
         """Embed a query the way chunks are embedded (the QueryEmbedder protocol)."""
+        if not texts:
+            return []
         if self._model is None:
             raise RuntimeError(f"{self.name}: open() was not called")
         vectors = local_model.encode(self._model, texts, batch=int(self.params["batch"]))

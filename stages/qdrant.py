@@ -153,26 +153,42 @@ class Upsert(Stage):
             payloads.append({**payload, "path": item.doc})  # the key discard() matches
         with self._lock:
             engine = self._opened()
+            unrecorded = self._check_model(engine, models - {None})
             engine.upsert(ids, vectors, payloads)
-            self._record(engine, models - {None}, len(vectors[0]))
+            if unrecorded is not None:  # the collection's first points: record their model
+                engine.record_model(unrecorded, len(vectors[0]))
+                self._model = unrecorded
         for item in items:
             del item.data["vector"]  # stored; downstream needs only the fields
         return items
 
-    def _record(self, engine: _Engine, models: set[Any], dimension: int) -> None:
-        """Record the model that built the collection, on its first points; refuse
-        another (the engine checks before a run; this catches what it could not)."""
-        for model in models:
-            if self._model is None:
-                self._model = engine.recorded_model()
-            if self._model is None:
-                engine.record_model(str(model), dimension)
-                self._model = str(model)
-            elif not same_model(self._model, str(model)):
-                raise FatalError(
-                    f"{self.name}: the collection was built with model {self._model!r}; "
-                    f"refusing vectors of {model!r} (vectors of two models do not compare)"
+    def _check_model(self, engine: _Engine, models: set[Any]) -> str | None:
+        """Refuse vectors of a model other than the one that built the collection,
+        before they are written (the engine checks before a run; this catches what it
+        could not). Returns the model to record, for a collection without a record."""
+        if len(models) > 1:
+            raise FatalError(f"{self.name}: one batch holds vectors of {sorted(models)}")
+        if not models:
+            return None
+        model = str(next(iter(models)))
+        if self._model is None:
+            self._model = engine.recorded_model()
+        if self._model is None:
+            if engine.count():
+                logger.warning(
+                    "%s: the collection holds points but no record of the model that "
+                    "built them (made before models were recorded); recording %s: if "
+                    "they came from another model, rebuild the collection",
+                    self.name,
+                    model,
                 )
+            return model
+        if not same_model(self._model, model):
+            raise FatalError(
+                f"{self.name}: the collection was built with model {self._model!r}; "
+                f"refusing vectors of {model!r} (vectors of two models do not compare)"
+            )
+        return None
 
     def recorded_model(self) -> str | None:
         """The model that built the collection (pipeline.vector_space); None if new."""
