@@ -119,17 +119,16 @@ async def _within(seconds: float | None, call: Awaitable[list[Item]]) -> list[It
         raise _timed_out(seconds) from None
 
 
-class AsyncPool:
-    kind: PoolKind = "async"
+class _InProcess:
+    """A pool whose stage copy works in this process: no pages, nodes or notes but
+    its own."""
 
-    def __init__(self, stage: AsyncStage, *, size: int, timeout_s: float | None) -> None:
-        self.stage = stage
+    stage: StageBase
+
+    def __init__(self, stage: StageBase, *, size: int, timeout_s: float | None) -> None:
         self.size = size
         self.batch_size = stage.batch_size
         self._timeout_s = timeout_s
-
-    async def open(self) -> None:
-        await self.stage.open()
 
     def take_pages(self) -> int:
         return 0
@@ -139,6 +138,18 @@ class AsyncPool:
 
     def notes(self) -> list[str]:
         return self.stage.notes()
+
+
+class AsyncPool(_InProcess):
+    kind: PoolKind = "async"
+    stage: AsyncStage
+
+    def __init__(self, stage: AsyncStage, *, size: int, timeout_s: float | None) -> None:
+        super().__init__(stage, size=size, timeout_s=timeout_s)
+        self.stage = stage
+
+    async def open(self) -> None:
+        await self.stage.open()
 
     async def run(self, items: list[Item]) -> list[Item]:
         return await _within(self._timeout_s, self.stage.process(items))
@@ -150,14 +161,13 @@ class AsyncPool:
         await self.stage.close()
 
 
-class ThreadPool:
+class ThreadPool(_InProcess):
     kind: PoolKind = "thread"
+    stage: Stage
 
     def __init__(self, stage: Stage, *, size: int, timeout_s: float | None) -> None:
+        super().__init__(stage, size=size, timeout_s=timeout_s)
         self.stage = stage
-        self.size = size
-        self.batch_size = stage.batch_size
-        self._timeout_s = timeout_s
         self._threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix=stage.name)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -165,15 +175,6 @@ class ThreadPool:
 
     async def open(self) -> None:
         await self._call(self.stage.open)
-
-    def take_pages(self) -> int:
-        return 0
-
-    def nodes(self) -> dict[str, int]:
-        return {}
-
-    def notes(self) -> list[str]:
-        return self.stage.notes()
 
     async def run(self, items: list[Item]) -> list[Item]:
         # A thread cannot be killed: on timeout the item fails and the call runs on

@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.disk import low_space, written_paths
 from pipeline.errors import ConfigError, FatalError
-from pipeline.executor import open_executor
+from pipeline.executor import Executor, open_executor
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, report_hints
@@ -39,9 +39,11 @@ _WATCH_EVERY_S = 1.0
 @contextlib.contextmanager
 def prepared(
     config: PipelineConfig, *, metrics_port: int | None, metrics_host: str
-) -> Iterator[tuple[RunState, Metrics]]:
-    """The state (locked for this process) and the metrics (served if asked) of a
-    run or a watch; refused before anything is written if space is short."""
+) -> Iterator[tuple[RunState, Metrics, Executor]]:
+    """The state (locked for this process), the metrics (served if asked) and the
+    executor of a run or a watch; refused before anything is written if space is
+    short. Enter it before the event loop starts: ray.init takes SIGTERM's handler,
+    and the loop's own handlers must come after it."""
     short = low_space(written_paths(config), config.min_free_mb)
     if short is not None:  # before anything is written, the state included
         raise FatalError(short)
@@ -64,7 +66,11 @@ def prepared(
             ) from exc
         logger.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     try:
-        yield state, metrics
+        executor = open_executor(config)
+        try:
+            yield state, metrics, executor
+        finally:
+            executor.close()
     finally:
         if server is not None:
             server.shutdown()
@@ -83,13 +89,10 @@ def run_session(
     with prepared(config, metrics_port=metrics_port, metrics_host=metrics_host) as (
         state,
         metrics,
+        executor,
     ):
-        executor = open_executor(config)  # before the loop: ray.init takes SIGTERM's handler
-        try:
-            runner = Runner(config, state=state, metrics=metrics, executor=executor)
-            outcome = asyncio.run(_drive(runner, live=progress and sys.stderr.isatty()))
-        finally:
-            executor.close()
+        runner = Runner(config, state=state, metrics=metrics, executor=executor)
+        outcome = asyncio.run(_drive(runner, live=progress and sys.stderr.isatty()))
     from pipeline.terminal import print_summary
 
     views = runner.views()

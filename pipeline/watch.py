@@ -32,7 +32,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.disk import low_space, written_paths
 from pipeline.errors import FatalError
-from pipeline.executor import Executor, open_executor
+from pipeline.executor import Executor
 from pipeline.metrics import Metrics
 from pipeline.outcome import EXIT_SIGNAL
 from pipeline.runner import Runner
@@ -54,13 +54,10 @@ def watch_session(
     with prepared(config, metrics_port=metrics_port, metrics_host=metrics_host) as (
         state,
         metrics,
+        executor,
     ):
-        executor = open_executor(config)  # before the loop: ray.init takes SIGTERM's handler
-        try:
-            watcher = Watcher(config, state=state, metrics=metrics, executor=executor)
-            return asyncio.run(watcher.run(live=progress and sys.stderr.isatty()))
-        finally:
-            executor.close()
+        watcher = Watcher(config, state=state, metrics=metrics, executor=executor)
+        return asyncio.run(watcher.run(live=progress and sys.stderr.isatty()))
 
 
 class Watcher:

@@ -15,7 +15,7 @@ import pytest
 
 from bench.corpus import generate
 from stages.embed_server import EmbeddingServer
-from tests.test_end_to_end import collection
+from tests.stores import collection
 from tests.test_watch import Watching
 
 DOCS = 600  # ~5,000 chunks: ~34 MB of Edge store

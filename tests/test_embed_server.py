@@ -7,6 +7,7 @@ import base64
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -225,3 +226,49 @@ def test_serve_listens_until_sigterm() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+class _Broken:
+    """A served model whose computation fails (a GPU out of memory, say)."""
+
+    name = "hash-384"
+    dims = 384
+    window = None
+
+    def embed(self, texts: list[str], dims: int | None) -> Any:
+        raise RuntimeError("CUDA out of memory")
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_failing_model_answers_500_and_the_server_goes_on() -> None:
+    with EmbeddingServer(model=_Broken()) as server:
+        reply = httpx.post(f"{server.url}/embeddings", json={"model": "hash-384", "input": "x"})
+        assert reply.status_code == 500
+        assert "CUDA out of memory" in reply.json()["error"]["message"]
+        assert httpx.get(f"{server.url.removesuffix('/v1')}/health").status_code == 200
+
+
+def test_served_name_is_the_name_the_server_answers_to() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve-embeddings", "--port", str(port),
+         "--served-name", "text-embedding-3-small"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        while "listening" not in (line := proc.stderr.readline()):  # its start-up line
+            assert line, "the server exited before listening"
+        url = f"http://127.0.0.1:{port}/v1"
+        named = {"model": "text-embedding-3-small", "input": "x"}
+        assert httpx.post(f"{url}/embeddings", json=named).status_code == 200
+        hashed = {"model": "hash-384", "input": "x"}
+        assert httpx.post(f"{url}/embeddings", json=hashed).status_code == 404
+        assert [m["id"] for m in httpx.get(f"{url}/models").json()["data"]] == [named["model"]]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

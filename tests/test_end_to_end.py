@@ -16,15 +16,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from stages.embed_server import EmbeddingServer
-from stages.qdrant import Upsert
 from tests.fault_server import FaultServer
 from tests.pdfs import CORPUS, MISSING
+from tests.stores import collection
 
 pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason=MISSING)
 
@@ -110,29 +109,6 @@ def rows(folder: Path) -> dict[str, tuple[str, str | None]]:
     with sqlite3.connect(folder / "state" / "state.db") as db:
         found = db.execute("SELECT path, status, reason FROM documents").fetchall()
     return {path: (status, reason) for path, status, reason in found}
-
-
-def collection(
-    folder: Path, *, store_folder: str = "qdrant"
-) -> dict[str, tuple[list[float], dict[str, Any]]]:
-    store = Upsert(
-        {
-            "path": folder / store_folder,
-            "url": None,
-            "collection": "docs",
-            "engine": "edge",
-            "batch": 64,
-            "flush_s": 10.0,
-            "distance": "cosine",
-            "api_key_env": None,
-        },
-        name="store",
-    )
-    store.open()
-    try:
-        return store.points()
-    finally:
-        store.close()
 
 
 def test_a_folder_of_real_pdfs_ends_indexed_skipped_or_failed_with_reasons(

@@ -25,8 +25,8 @@ pytest.importorskip("sentence_transformers")
 
 from stages import local_model  # noqa: E402
 from stages.embed_server import EmbeddingServer  # noqa: E402
-from stages.qdrant import Upsert  # noqa: E402
 from stages.served_model import Batcher, SentenceModel  # noqa: E402
+from tests.stores import collection as points  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PDFS = REPO / "examples" / "pdfs"
@@ -82,15 +82,6 @@ def pipeline(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         env=OFFLINE,
     )
-
-
-def points(folder: Path) -> dict[str, tuple[list[float], dict[str, Any]]]:
-    store = Upsert({"path": folder / "qdrant", "collection": "docs"}, name="store")
-    store.open()
-    try:
-        return store.points()
-    finally:
-        store.close()
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -282,3 +273,14 @@ def test_search_embeds_with_the_collection_model_and_refuses_another(
             said = " ".join(refused.stderr.split())
             assert "stages[2].with.model" in said and f"'{MODEL}'" in said and "hash-384" in said
         assert hashing.requests == 0
+
+
+def test_an_empty_batch_and_an_empty_query_list_embed_nothing() -> None:
+    from stages.local_embed import LocalEmbed
+
+    stage = LocalEmbed({"model": MODEL, "device": "cpu"}, name="embed")
+    stage.open()
+    try:
+        assert stage.process([]) == [] and stage.embed_texts([]) == []
+    finally:
+        stage.close()

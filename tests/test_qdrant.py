@@ -440,3 +440,38 @@ def test_edge_keeps_acknowledged_points_when_the_process_dies(tmp_path: Path) ->
     store.open()
     assert store.count() == 30
     store.close()
+
+
+def with_model(items: list[Item], model: str) -> list[Item]:
+    for item in items:
+        item.data["model"] = model
+    return items
+
+
+def test_the_store_records_its_model_and_refuses_another_before_writing(
+    store: Upsert, tmp_path: Path, engine: str
+) -> None:
+    store.process(with_model(chunks("a.pdf", 2), "all-MiniLM-L6-v2"))
+    with pytest.raises(FatalError, match="built with model 'all-MiniLM-L6-v2'"):
+        store.process(with_model(chunks("b.pdf", 2), "hash-384"))
+
+    assert {p["path"] for _, p in store.points().values()} == {"a.pdf"}  # nothing written
+    assert all("model" not in p for _, p in store.points().values())  # not per point
+    store.close()
+    reopened = make(tmp_path, engine)
+    reopened.open()
+    try:
+        assert reopened.recorded_model() == "all-MiniLM-L6-v2"  # kept with the collection
+    finally:
+        reopened.close()
+
+
+def test_a_collection_with_points_but_no_record_is_adopted_with_a_warning(
+    store: Upsert, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.process(chunks("old.pdf", 2))  # written before models were recorded
+    assert store.recorded_model() is None
+    with caplog.at_level(logging.WARNING):
+        store.process(with_model(chunks("new.pdf", 1), "m"))
+    assert "no record of the model" in caplog.text
+    assert store.recorded_model() == "m"

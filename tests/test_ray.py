@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -29,8 +28,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 pytest.importorskip("ray")
 
 from stages.embed_server import EmbeddingServer  # noqa: E402
-from stages.qdrant import Upsert  # noqa: E402
 from tests.fault_server import FaultServer  # noqa: E402
+from tests.stores import collection as points  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -85,15 +84,6 @@ def start(*args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def points(folder: Path) -> dict[str, tuple[list[float], dict[str, Any]]]:
-    store = Upsert({"path": folder / "qdrant", "collection": "docs"}, name="store")
-    store.open()
-    try:
-        return store.points()
-    finally:
-        store.close()
 
 
 def rows(folder: Path) -> dict[str, tuple[str, str | None]]:
@@ -389,3 +379,14 @@ def test_a_hung_document_fails_at_its_timeout_and_only_it(
         **{name: ("indexed", None) for name in FILES},
         "hang.pdf": ("failed", "timeout"),
     }
+
+
+def test_an_async_stage_s_end_of_run_note_comes_back_from_its_ray_actor(
+    tmp_path: Path, embed_server: EmbeddingServer
+) -> None:
+    config = project(tmp_path, embed_server.url, top="executor: ray")
+    config.write_text(config.read_text().replace("batch: 16}", "batch: 16, max_input_tokens: 20}"))
+    run = pipeline("run", "-c", str(config), "--no-progress")
+    assert run.returncode == 0, run.stderr
+    said = " ".join(run.stderr.split())
+    assert "note: embed:" in said and "input window of 20 tokens" in said
