@@ -60,6 +60,7 @@ class PoolConfig:
     kind: PoolKind
     size: int  # "auto" is already resolved to the CPU count; the ceiling when adaptive
     adaptive: bool = False  # calls in flight follow the server (pipeline.limit)
+    own_process: bool = False  # an async pool's loop in a child (pipeline.async_process)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,10 +337,14 @@ class _Loader:
         if adaptive and kind == "process":
             expected = "false on a process pool (its workers are CPU-bound, not a server's)"
             raise self.fail((*at, "adaptive"), expected, adaptive)
+        if values["own_process"] and kind != "async":
+            expected = f"false on a {kind} pool (only an async pool's loop moves to a process)"
+            raise self.fail((*at, "own_process"), expected, values["own_process"])
         return PoolConfig(
             kind=cast(PoolKind, kind),
             size=cpu_count() if size == "auto" else size,
             adaptive=adaptive,
+            own_process=values["own_process"],
         )
 
     def retry(self, raw: Mapping[str, Any] | None, at: KeyPath) -> RetryConfig:

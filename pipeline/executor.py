@@ -52,6 +52,7 @@ class LocalExecutor:
             timeout_s=cfg.timeout_s,
             memory_mb=cfg.memory_mb,
             fused=[StageSpec(f.uses, f.name, dict(f.params)) for f in cfg.fused],
+            own_process=cfg.pool.own_process,
         )
 
     def close(self) -> None:

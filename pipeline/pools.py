@@ -32,7 +32,7 @@ from pipeline import registry
 from pipeline.errors import PermanentError, StageError
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
-__all__ = ["Pool", "StageSpec", "ThreadPool", "build_chain", "open_pool", "run_chain"]
+__all__ = ["Pool", "StageSpec", "ThreadPool", "build_chain", "open_pool", "run_chain", "within"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +81,13 @@ def open_pool(
     timeout_s: float | None,
     memory_mb: int | None,
     fused: Sequence[StageSpec] = (),
+    own_process: bool = False,
 ) -> Pool:
     """Build the pool of `kind` for one stage; `await pool.open()` starts it.
 
     `fused` stages (process pools only) run in the same workers, on each call's
-    outputs in turn (see pipeline.fusion)."""
+    outputs in turn (see pipeline.fusion). `own_process` puts an async pool's event
+    loop in a child process (see pipeline.async_process)."""
     stage = cls(params, name=name, concurrency=size)  # cheap by contract: no I/O before open()
     if kind == "process":
         return ProcessPool(
@@ -101,6 +103,11 @@ def open_pool(
         return ThreadPool(stage, size=size, timeout_s=timeout_s)
     if not isinstance(stage, AsyncStage):
         raise TypeError(f"{uses} is not an async stage and cannot run on an async pool")
+    if own_process:
+        from pipeline.async_process import AsyncProcessPool
+
+        spec = StageSpec(uses, name, dict(params))
+        return AsyncProcessPool(stage, spec=spec, size=size, timeout_s=timeout_s)
     return AsyncPool(stage, size=size, timeout_s=timeout_s)
 
 
@@ -108,7 +115,7 @@ def _timed_out(seconds: float) -> PermanentError:
     return PermanentError(f"timed out after {seconds:g} s", reason="timeout")
 
 
-async def _within(seconds: float | None, call: Awaitable[list[Item]]) -> list[Item]:
+async def within(seconds: float | None, call: Awaitable[list[Item]]) -> list[Item]:
     """Await `call` within the stage's `timeout_s`; overrunning fails the items."""
     if seconds is None:
         return await call
@@ -152,7 +159,7 @@ class AsyncPool(_InProcess):
         await self.stage.open()
 
     async def run(self, items: list[Item]) -> list[Item]:
-        return await _within(self._timeout_s, self.stage.process(items))
+        return await within(self._timeout_s, self.stage.process(items))
 
     async def discard(self, docs: Sequence[str]) -> None:
         await self.stage.discard(docs)
@@ -179,7 +186,7 @@ class ThreadPool(_InProcess):
     async def run(self, items: list[Item]) -> list[Item]:
         # A thread cannot be killed: on timeout the item fails and the call runs on
         # in the background. Stages that can hang belong on a process pool.
-        return await _within(self._timeout_s, self._call(self.stage.process, items))
+        return await within(self._timeout_s, self._call(self.stage.process, items))
 
     async def discard(self, docs: Sequence[str]) -> None:
         await self._call(self.stage.discard, list(docs))

@@ -225,6 +225,12 @@ POOL: Mapping[str, Key] = {
         " size. Default: true on async pools.",
         nullable=True,
     ),
+    "own_process": Key(
+        FLAG,
+        "Async pools: run the stage's event loop in a process of its own, so its I/O work"
+        " (HTTP, JSON, decoding replies) takes no CPU from the engine's process.",
+        default=False,
+    ),
 }
 STAGE: Mapping[str, Key] = {
     "name": Key(text(), "Unique: labels metrics, logs and state.", required=True),

@@ -2,8 +2,9 @@
 
 Two engines behind one stage, chosen by `engine:`:
 
-    edge           Qdrant Edge, embedded in this process, one shard per folder
-                   (`path`/`collection`); see `stages.qdrant_edge`
+    edge           Qdrant Edge, embedded (no server), one shard per folder
+                   (`path`/`collection`), run in a child process of the store's
+                   own; see `stages.qdrant_edge` and `stages.edge_process`
     qdrant-client  a Qdrant server at `url`, or the client's local mode in `path`,
                    which shares the server's API but keeps every point in SQLite
                    and every vector in RAM: fine for tests and small corpora only
@@ -248,11 +249,11 @@ class Upsert(Stage):
         p = self.params
         path = None if p["path"] is None else Path(p["path"])
         if p["engine"] == "edge":
-            from stages.qdrant_edge import EdgeEngine
+            from stages.edge_process import EdgeProcess
 
             assert path is not None, "check() requires path for engine edge"
             folder = path / p["collection"]
-            return EdgeEngine(folder, distance=p["distance"], flush_s=p["flush_s"])
+            return EdgeProcess(folder, distance=p["distance"], flush_s=p["flush_s"])
         env = p["api_key_env"]
         if env is not None and env not in os.environ:
             raise FatalError(f"{self.name}: environment variable {env} is not set")

@@ -1,0 +1,306 @@
+"""An async pool whose event loop runs in a process of its own (`own_process: true`).
+
+An embedding stage's calls cost CPU in whichever process makes them: the HTTP
+client, JSON, decoding the replies (~70 ms per 1,000 chunks with httpx, measured
+in bench/RESULTS.md section 8). In the engine's process that would count against
+the one process every chunk passes through, the ceiling of the whole pipeline on
+a machine with many cores. With `own_process: true` the stage's copy lives in a
+child process with an event loop of its own; the engine sends each batch over a
+pipe and gets the outputs back (one pickled message each way), while everything
+that decides about the call stays in the engine: the adaptive limit, retries, the
+breaker, timeouts, splitting a refused batch. The stage runs exactly as on an
+in-process async pool: many calls at once, one copy, one client.
+
+    the child dies    the calls in flight fail `worker_died` (the engine splits a
+                      batch that fails so, so only an item that kills it fails
+                      alone); the next call starts a new child and opens the stage
+    the engine dies   the child reads end-of-file and exits
+    a call times out  the engine cancels it in the child, as it would in-process
+
+The child sends the stage's counters and notes back with every reply, so metrics,
+the report and the end-of-run notes read as they do in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from pipeline import registry
+from pipeline.errors import PermanentError
+from pipeline.pools import StageSpec, within
+from pipeline.stage import AsyncStage, Item, PoolKind
+
+__all__ = ["AsyncProcessPool"]
+
+logger = logging.getLogger(__name__)
+
+_CLOSE_S = 30.0  # how long closing waits for the child to finish its calls
+
+
+class AsyncProcessPool:
+    kind: PoolKind = "async"
+
+    def __init__(
+        self, stage: AsyncStage, *, spec: StageSpec, size: int, timeout_s: float | None
+    ) -> None:
+        self.size = size
+        self.batch_size = stage.batch_size
+        # Never opened: the child holds the working copy; this one adds up its counts.
+        self.stage = stage
+        self._spec = spec
+        self._timeout_s = timeout_s
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._notes: list[str] = []
+        self._child: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._starting = asyncio.Lock()
+
+    def take_pages(self) -> int:
+        return 0
+
+    def nodes(self) -> dict[str, int]:
+        return {}
+
+    def notes(self) -> list[str]:
+        """The child's notes as of its latest reply."""
+        return self._notes
+
+    async def open(self) -> None:
+        await self._started()
+
+    async def run(self, items: list[Item]) -> list[Item]:
+        result: list[Item] = await within(self._timeout_s, self._call("run", items))
+        return result
+
+    async def discard(self, docs: Sequence[str]) -> None:
+        await self._call("discard", list(docs))
+
+    async def close(self) -> None:
+        child, conn, reader = self._child, self._conn, self._reader
+        if child is None or conn is None or reader is None:
+            return
+        try:
+            async with asyncio.timeout(_CLOSE_S):
+                await self._call("close", None)
+        except Exception:  # noqa: BLE001 - the child is ended below either way
+            logger.exception("closing %s's process failed", self._spec.name)
+        finally:
+            self._child = self._conn = self._reader = None
+            await asyncio.get_running_loop().run_in_executor(None, _end, child, conn, reader)
+
+    # -- calls ---------------------------------------------------------------------
+
+    async def _call(self, what: str, argument: Any) -> Any:
+        conn = await self._started()
+        call = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call] = future
+        try:
+            conn.send((what, call, argument))
+        except OSError:
+            self._pending.pop(call, None)
+            raise _died(self._child) from None
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._pending.pop(call, None) is not None and self._conn is conn:
+                conn.send(("cancel", call, None))  # a timeout, or the run stopping
+            raise
+
+    async def _started(self) -> Connection:
+        """The child's end of the pipe, starting the child (and opening the stage) first
+        if there is none: at open, or after the last one died."""
+        async with self._starting:
+            if self._conn is not None:
+                return self._conn
+            context = multiprocessing.get_context("forkserver")  # never fork a threaded parent
+            mine, theirs = context.Pipe()
+            child = context.Process(
+                target=_serve,
+                args=(theirs, self._spec, self.size),
+                name=f"{self._spec.name} (async)",
+                daemon=True,
+            )
+            child.start()
+            theirs.close()
+            loop = asyncio.get_running_loop()
+            opened: asyncio.Future[Any] = loop.create_future()
+            self._pending[-1] = opened
+            reader = threading.Thread(
+                target=self._read, args=(mine, child, loop), name=f"{self._spec.name}-replies"
+            )
+            reader.daemon = True
+            reader.start()
+            self._child, self._conn, self._reader = child, mine, reader
+            try:
+                await opened
+            except BaseException:
+                self._child = self._conn = self._reader = None
+                await loop.run_in_executor(None, _end, child, mine, reader)
+                raise
+            return mine
+
+    def _read(self, conn: Connection, child: BaseProcess, loop: asyncio.AbstractEventLoop) -> None:
+        """The reply reader (a thread): hands each reply to the loop; at end-of-file,
+        fails what is still in flight."""
+        while True:
+            try:
+                reply = conn.recv()
+            except (EOFError, OSError):
+                break
+            loop.call_soon_threadsafe(self._deliver, reply)
+        loop.call_soon_threadsafe(self._lost, conn, child)
+
+    def _deliver(self, reply: tuple[int, str, Any, Counter[tuple[str, str]], list[str]]) -> None:
+        call, status, value, counts, notes = reply
+        self.stage.counts.update(counts)
+        self._notes = notes
+        future = self._pending.pop(call, None)
+        if future is None or future.done():
+            return  # cancelled meanwhile
+        if status == "ok":
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def _lost(self, conn: Connection, child: BaseProcess) -> None:
+        """The child is gone: fail its calls in flight; the next call starts another."""
+        if self._conn is not conn:
+            return  # closed on purpose, or already replaced
+        self._conn = self._child = self._reader = None
+        conn.close()  # its reader has stopped
+        error = _died(child)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+
+
+def _died(child: BaseProcess | None) -> PermanentError:
+    if child is not None:
+        child.join(timeout=1)
+    code = child.exitcode if child is not None else None
+    how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    return PermanentError(f"the stage's process died ({how})", reason="worker_died")
+
+
+def _end(child: BaseProcess, conn: Connection, reader: threading.Thread) -> None:
+    """Wait for the child to exit (kill it if it does not), then for its reply reader
+    to see the end of the pipe; only then close our end, which the reader used."""
+    child.join(timeout=_CLOSE_S)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    reader.join()
+    conn.close()
+
+
+# -- the child -------------------------------------------------------------------------
+
+
+def _serve(conn: Connection, spec: StageSpec, size: int) -> None:
+    """The child: build and open the stage, then run calls until close or end-of-file."""
+    # The engine decides when to stop (Ctrl-C and SIGTERM reach the whole group).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    asyncio.run(_Child(conn, spec, size).serve())
+
+
+class _Child:
+    def __init__(self, conn: Connection, spec: StageSpec, size: int) -> None:
+        self.conn = conn
+        self.spec = spec
+        self.size = size
+        self.stage: AsyncStage | None = None
+        self.tasks: dict[int, asyncio.Task[Any]] = {}
+        self.closing: set[int] = set()
+        self.done = asyncio.Event()
+
+    async def serve(self) -> None:
+        spec = self.spec
+        try:
+            stage = registry.resolve(spec.uses)(spec.params, name=spec.name, concurrency=self.size)
+            if not isinstance(stage, AsyncStage):
+                raise TypeError(f"{spec.uses} is not an async stage")
+            self.stage = stage
+            await stage.open()
+        except Exception as exc:  # noqa: BLE001 - the engine raises it from open()
+            self._reply(-1, "error", exc)
+            return
+        self._reply(-1, "ok", None)
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read, args=(loop,), daemon=True).start()
+        await self.done.wait()
+
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the engine is gone
+            loop.call_soon_threadsafe(self._dispatch, message)
+
+    def _dispatch(self, message: tuple[str, int, Any]) -> None:
+        what, call, argument = message
+        if what == "cancel":
+            task = self.tasks.get(call)
+            if task is not None:
+                task.cancel()
+            return
+        stage = self.stage
+        assert stage is not None
+        if what == "run":
+            work = stage.process(argument)
+        elif what == "discard":
+            work = stage.discard(argument)
+        else:
+            self.closing.add(call)
+            work = self._close()
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks[call] = task
+        task.add_done_callback(lambda t: self._finished(call, t))
+
+    async def _close(self) -> None:
+        me = asyncio.current_task()
+        running = [t for t in self.tasks.values() if t is not me and not t.done()]
+        await asyncio.gather(*running, return_exceptions=True)
+        assert self.stage is not None
+        await self.stage.close()
+
+    def _finished(self, call: int, task: asyncio.Task[Any]) -> None:
+        self.tasks.pop(call, None)
+        if task.cancelled():
+            return  # the engine stopped waiting for it
+        error = task.exception()
+        if error is None:
+            self._reply(call, "ok", task.result())
+        else:
+            self._reply(call, "error", error)
+        if call in self.closing:
+            self.done.set()
+
+    def _reply(self, call: int, status: str, value: Any) -> None:
+        counts: Counter[tuple[str, str]] = Counter()
+        notes: list[str] = []
+        if self.stage is not None:
+            counts, self.stage.counts = self.stage.counts, Counter()
+            notes = self.stage.notes()
+        try:
+            self.conn.send((call, status, value, counts, notes))
+        except (pickle.PicklingError, TypeError, AttributeError):  # an error that cannot travel
+            text = f"{type(value).__name__}: {value}"
+            self.conn.send((call, "error", RuntimeError(text), counts, notes))
