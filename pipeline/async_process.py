@@ -32,7 +32,7 @@ import pickle
 import signal
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -263,6 +263,7 @@ class _Child:
             return
         stage = self.stage
         assert stage is not None
+        work: Coroutine[Any, Any, Any]
         if what == "run":
             work = stage.process(argument)
         elif what == "discard":
