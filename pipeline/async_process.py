@@ -228,6 +228,7 @@ class _Child:
         self.stage: AsyncStage | None = None
         self.tasks: dict[int, asyncio.Task[Any]] = {}
         self.closing: set[int] = set()
+        self.sent: Counter[tuple[str, str]] = Counter()  # counts already sent
         self.done = asyncio.Event()
 
     async def serve(self) -> None:
@@ -295,10 +296,13 @@ class _Child:
             self.done.set()
 
     def _reply(self, call: int, status: str, value: Any) -> None:
+        """Send a call's outcome, with what the stage counted since the last reply
+        (its own counts keep growing: its notes may read them) and its notes now."""
         counts: Counter[tuple[str, str]] = Counter()
         notes: list[str] = []
         if self.stage is not None:
-            counts, self.stage.counts = self.stage.counts, Counter()
+            counts = self.stage.counts - self.sent
+            self.sent = self.stage.counts.copy()
             notes = self.stage.notes()
         try:
             self.conn.send((call, status, value, counts, notes))

@@ -62,6 +62,12 @@ class Item:
     doc: str
     data: dict[str, Any] = field(default_factory=dict)
 
+    def __reduce__(self) -> tuple[type[Item], tuple[str, dict[str, Any]]]:
+        # Items cross processes by the thousand (worker results, a stage's own
+        # process): rebuilt from their two fields, unpickling is ~3x faster than
+        # the generic path a slots class takes.
+        return (Item, (self.doc, self.data))
+
 
 @dataclass(frozen=True, slots=True)
 class Param:

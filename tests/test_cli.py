@@ -40,7 +40,7 @@ def test_a_bad_flag_exits_2_before_any_work(project: Path, flags: list[str], say
 
 
 def test_a_broken_config_exits_2_naming_file_line_and_key(project: Path) -> None:
-    project.write_text(project.read_text().replace("size: 64}", 'size: "many"}'))
+    project.write_text(project.read_text().replace("size: 64,", 'size: "many",'))
     run = pipeline("validate", "-c", str(project))
     assert run.returncode == 2
     assert run.stderr.strip() == (

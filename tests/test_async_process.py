@@ -1,0 +1,120 @@
+"""An async pool whose event loop runs in a child process (`own_process: true`):
+calls come back as in-process, with their counters and notes; a child that dies
+fails only its calls in flight and is replaced; a timeout cancels the call in the
+child; the child ends with the pool, or when the engine's process is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import pytest
+
+from pipeline.errors import FatalError, PermanentError, TransientError
+from pipeline.pools import Pool, open_pool
+from pipeline.stage import AsyncStage, Item
+
+
+class Marked(AsyncStage):
+    """Tags items with the child's pid; misbehaves on the marks in an item's doc."""
+
+    COUNTERS: ClassVar[Mapping[str, tuple[str, str]]] = {"calls": ("how", "how it ended")}
+
+    async def open(self) -> None:
+        if self.params.get("refuse"):
+            raise FatalError("cannot open: refused on purpose")
+
+    async def process(self, items: list[Item]) -> list[Item]:
+        docs = {item.doc for item in items}
+        if "die" in docs:
+            os._exit(3)
+        if "busy" in docs:
+            self.increment("calls", "busy")
+            raise TransientError("busy", reason="http_503", unavailable=True)
+        if "hang" in docs:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.increment("calls", "cancelled")
+                raise
+        self.increment("calls", "ok")
+        return [Item(item.doc, {**item.data, "pid": os.getpid()}) for item in items]
+
+    def notes(self) -> list[str]:
+        return [f"{self.counts[('calls', 'ok')]} calls went well"]
+
+
+def pool(timeout_s: float | None = None, **params: Any) -> Pool:
+    return open_pool(
+        Marked,
+        uses=f"{Marked.__module__}:Marked",
+        name="marked",
+        kind="async",
+        size=4,
+        params=params,
+        timeout_s=timeout_s,
+        memory_mb=None,
+        own_process=True,
+    )
+
+
+async def test_calls_run_in_the_child_and_come_back_with_counts_and_notes() -> None:
+    p = pool()
+    await p.open()
+    try:
+        outs = await asyncio.gather(*(p.run([Item(f"d{n}", {"n": n})]) for n in range(8)))
+        with pytest.raises(TransientError) as busy:
+            await p.run([Item("busy", {})])
+    finally:
+        await p.close()
+    assert [o[0].data["n"] for o in outs] == list(range(8))
+    assert {o[0].data["pid"] for o in outs} != {os.getpid()}  # ran elsewhere, in one child
+    assert len({o[0].data["pid"] for o in outs}) == 1
+    assert busy.value.unavailable and busy.value.reason == "http_503"  # the error as raised
+    assert p.stage.counts == {("calls", "ok"): 8, ("calls", "busy"): 1}
+    assert p.notes() == ["8 calls went well"]  # the child's, as of its last reply
+
+
+async def test_a_dying_child_fails_its_calls_and_the_next_call_gets_a_new_one() -> None:
+    p = pool()
+    await p.open()
+    try:
+        before = (await p.run([Item("a", {})]))[0].data["pid"]
+        with pytest.raises(PermanentError) as died:
+            await p.run([Item("die", {})])
+        after = (await p.run([Item("b", {})]))[0].data["pid"]
+    finally:
+        await p.close()
+    assert died.value.reason == "worker_died" and "exit code 3" in str(died.value)
+    assert after != before
+
+
+async def test_a_timeout_cancels_the_call_in_the_child() -> None:
+    p = pool(timeout_s=0.5)
+    await p.open()
+    try:
+        with pytest.raises(PermanentError) as late:
+            await p.run([Item("hang", {})])
+        await p.run([Item("a", {})])  # its reply carries the count of the cancelled call
+    finally:
+        await p.close()
+    assert late.value.reason == "timeout"
+    assert p.stage.counts[("calls", "cancelled")] == 1
+
+
+async def test_a_stage_that_cannot_open_fails_open_with_its_error() -> None:
+    p = pool(refuse=True)
+    with pytest.raises(FatalError, match="refused on purpose"):
+        await p.open()
+    await p.close()
+
+
+async def test_close_ends_the_child() -> None:
+    p = pool()
+    await p.open()
+    pid = (await p.run([Item("a", {})]))[0].data["pid"]
+    await p.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
