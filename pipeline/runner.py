@@ -401,11 +401,14 @@ class Runner:
         for item in live:
             if not st.systemic.holds(item):
                 await self._release(item.doc)
+        onward = []
         for out in outputs:
             if outbox is None or self.ledger.has_failed(out.doc):
                 await self._release(out.doc)
             else:
-                await outbox.put(out)
+                onward.append(out)
+        if outbox is not None:
+            await outbox.put_many(onward)
 
     async def _timed(self, st: StageState, items: list[Item]) -> list[Item]:
         """One call of the stage's pool, counted as busy time for views and metrics."""

