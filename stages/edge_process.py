@@ -28,8 +28,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.errors import FatalError
 
 __all__ = ["EdgeProcess"]
@@ -62,6 +60,8 @@ class EdgeProcess:
             raise
 
     def upsert(self, ids: Sequence[str], vectors: Sequence[Any], payloads: Sequence[Any]) -> None:
+        import numpy as np  # here: the engine's process need not load numpy before this
+
         self._call("upsert", list(ids), np.asarray(vectors, dtype=np.float32), list(payloads))
 
     def delete_paths(self, paths: Sequence[str]) -> None:

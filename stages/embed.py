@@ -39,16 +39,20 @@ import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar
-
-import httpx
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.errors import FatalError, PermanentError, TransientError
 from pipeline.stage import AsyncStage, Item, Param, ParamProblem, PoolKind
 from stages.error_body import reason_of
 from stages.model_window import WindowCounter, known_window, window_from_reply
+
+if TYPE_CHECKING:
+    # httpx and numpy (~0.2 s of imports) are imported where used: the engine's
+    # process loads this module to check the config, and with `own_process` the
+    # calls run in another process.
+    import httpx
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["Embed", "parse_retry_after", "texts_of"]
 
@@ -175,6 +179,8 @@ class Embed(AsyncStage):
                 raise FatalError(f"${self._key_env} is not set or empty; it must hold the API key")
             headers["Authorization"] = f"Bearer {key}"
             self._redact = (key,)
+        import httpx
+
         limits = httpx.Limits(
             max_connections=self.concurrency, max_keepalive_connections=self.concurrency
         )
@@ -185,6 +191,8 @@ class Embed(AsyncStage):
 
     async def _find_window(self, client: httpx.AsyncClient) -> WindowCounter | None:
         """The model's input window: set, reported by the server, or known by name."""
+        import httpx
+
         window: int | None = self.params.get("max_input_tokens")
         if window is not None:
             return WindowCounter(window, model=self._model, source="max_input_tokens")
@@ -241,6 +249,8 @@ class Embed(AsyncStage):
 
         Rows stay float32 all the way to the store (1.5 kB a 384-dim chunk, against
         ~12 kB as a list of Python floats)."""
+        import numpy as np
+
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         if self._client is None:
@@ -270,6 +280,8 @@ class Embed(AsyncStage):
         timeout says the server is saturated (the limit drops before any resend);
         a refused or reset connection says it is not there (the pool waits).
         """
+        import httpx
+
         where = f"embedding request to {self._endpoint}"
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -331,6 +343,8 @@ class Embed(AsyncStage):
         of another size than `dimensions` asked for fail the run, since no retry
         or other document would fare better.
         """
+        import numpy as np
+
         try:
             data = response.json()["data"]
             if not isinstance(data, list) or len(data) != expected:
@@ -363,6 +377,8 @@ def _decode_all(embeddings: list[object]) -> npt.NDArray[np.float32]:
     The usual reply, base64 rows of one length with no padding (384 or 1,536 float32
     are whole groups of three bytes), is decoded in one call; anything else row by
     row."""
+    import numpy as np
+
     if not embeddings:
         return np.zeros((0, 0), dtype=np.float32)
     first = embeddings[0]
@@ -380,6 +396,8 @@ def _decode_all(embeddings: list[object]) -> npt.NDArray[np.float32]:
 
 def _decode(embedding: object) -> np.ndarray[Any, np.dtype[np.float32]]:
     """One embedding, from base64 little-endian float32 or a JSON number list."""
+    import numpy as np
+
     if isinstance(embedding, str):
         raw = base64.b64decode(embedding, validate=True)
         if len(raw) % 4:

@@ -19,10 +19,11 @@ open: no images cross between processes, and the stage's `timeout_s` and
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # numpy is imported where used: the engine's process loads this module
+    import numpy as np  # to validate the config, and never reads a page
+    import numpy.typing as npt
 
 __all__ = ["OCR_EXTRA_HINT", "PageReader", "ocr_available"]
 
@@ -49,6 +50,8 @@ class PageReader:
 
     def read(self, page: Any) -> str:
         """The text of a pypdfium2 page, recognised from its rendered image."""
+        import numpy as np
+
         image = render(page)
         text, confidence, upright = self._recognise(image)
         if not upright:
@@ -77,6 +80,8 @@ class PageReader:
 
 def render(page: Any) -> npt.NDArray[np.uint8]:
     """The page as an RGB array whose long side is about TARGET_SIDE_PX."""
+    import numpy as np
+
     width, height = page.get_size()
     scale = min(MAX_SCALE, max(MIN_SCALE, TARGET_SIDE_PX / max(width, height, 1.0)))
     bitmap = page.render(scale=scale)
@@ -88,6 +93,8 @@ def render(page: Any) -> npt.NDArray[np.uint8]:
 
 def _horizontal(lines: list[tuple[Any, str, float]]) -> bool:
     """Most detected lines wider than tall: the page is not turned a quarter."""
+    import numpy as np
+
     wide = tall = 0
     for box, text, _score in lines:
         points = np.asarray(box, dtype=np.float32)
