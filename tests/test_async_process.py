@@ -6,8 +6,14 @@ child; the child ends with the pool, or when the engine's process is gone."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -15,6 +21,9 @@ import pytest
 from pipeline.errors import FatalError, PermanentError, TransientError
 from pipeline.pools import Pool, open_pool
 from pipeline.stage import AsyncStage, Item
+from stages.embed_server import EmbeddingServer
+from tests.fault_server import FaultServer
+from tests.stores import collection
 
 
 class Marked(AsyncStage):
@@ -118,3 +127,101 @@ async def test_close_ends_the_child() -> None:
     await p.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+# -- the whole pipeline, as a user runs it ------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "pdfs"
+
+
+def project(folder: Path, url: str, *, own_process: bool) -> Path:
+    shutil.copytree(EXAMPLES, folder / "docs")
+    config = folder / "pipeline.yaml"
+    config.write_text(
+        f"""
+source: {{path: docs}}
+state: state/state.db
+stages:
+  - {{name: extract, uses: pdf.extract, pool: {{kind: process, size: 2}}}}
+  - {{name: chunk, uses: text.chunk, with: {{size: 600, overlap: 100}}}}
+  - name: embed
+    uses: openai.embed
+    pool: {{kind: async, size: 8, own_process: {str(own_process).lower()}}}
+    with: {{url: "{url}", model: hash-384, batch: 16}}
+  - {{name: store, uses: qdrant.upsert, with: {{path: qdrant, collection: docs}}}}
+"""
+    )
+    return config
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "pipeline", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def children_of(pid: int) -> set[int]:
+    """Every live process descended from `pid` (read from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_a_run_with_its_own_embedding_process_stores_what_an_in_process_run_does(
+    tmp_path: Path,
+) -> None:
+    with EmbeddingServer() as server:
+        runs = {}
+        for own in (False, True):
+            config = project(tmp_path / str(own), server.url, own_process=own)
+            report_file = tmp_path / f"report-{own}.json"
+            done = run("run", "-c", str(config), "--no-progress", "--report", str(report_file))
+            assert done.returncode == 0, done.stderr
+            runs[own] = collection(tmp_path / str(own))
+            report = json.loads(report_file.read_text())
+            embed = next(s for s in report["stages"] if s["name"] == "embed")
+            assert embed["counters"]  # the child's request counts reached the report
+    assert runs[True] == runs[False] and runs[True]
+
+
+def test_kill_9_of_the_engine_ends_its_embedding_and_store_processes(tmp_path: Path) -> None:
+    with FaultServer() as server, EmbeddingServer() as good:
+        config = project(tmp_path, server.url, own_process=True)
+        server.hang()  # requests wait: the run is mid-flight, both children alive
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "-c", str(config), "--no-progress"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        assert server.wait_for_requests(1, timeout=60)
+        children = children_of(proc.pid)
+        assert len(children) >= 3  # forkserver, workers, the embed and Edge children
+        proc.kill()
+        proc.wait(timeout=30)
+        server.release()
+        for pid in children:  # each child sees its pipe close and exits
+            deadline = time.monotonic() + 30
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _alive(pid), f"process {pid} outlived the engine"
+        config.write_text(config.read_text().replace(server.url, good.url))
+        rerun = run("run", "-c", str(config), "--no-progress")  # the store's lock was freed
+        assert rerun.returncode == 0, rerun.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return stat[0] != "Z"
