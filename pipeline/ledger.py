@@ -57,23 +57,23 @@ class Ledger:
         entry = self._open.get(doc)
         return entry is not None and entry.failure is not None
 
-    def add(self, doc: str) -> None:
-        """One more item of `doc` is in the pipeline (a stage produced it)."""
-        self._open[doc].outstanding += 1
+    def add(self, doc: str, count: int = 1) -> None:
+        """`count` more items of `doc` are in the pipeline (a stage produced them)."""
+        self._open[doc].outstanding += count
 
-    def sink(self, doc: str) -> None:
-        """The last stage acknowledged one item of `doc`."""
-        self._open[doc].sunk += 1
+    def sink(self, doc: str, count: int = 1) -> None:
+        """The last stage acknowledged `count` items of `doc`."""
+        self._open[doc].sunk += count
 
     def fail(self, doc: str, *, stage: str, error: StageError) -> None:
         entry = self._open[doc]
         if entry.failure is None:
             entry.failure = (stage, error)
 
-    def release(self, doc: str) -> Finished | None:
-        """One item of `doc` left the pipeline; returns the document if it is done."""
+    def release(self, doc: str, count: int = 1) -> Finished | None:
+        """`count` items of `doc` left the pipeline; returns the document if it is done."""
         entry = self._open[doc]
-        entry.outstanding -= 1
+        entry.outstanding -= count
         if entry.outstanding > 0:
             return None
         del self._open[doc]

@@ -29,6 +29,7 @@ import functools
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -377,10 +378,12 @@ class Runner:
 
         Held items (see `pipeline.systemic`) keep their documents open: they are
         neither failed nor released until the stage's verdict is in."""
-        for out in outputs:
-            self.ledger.add(out.doc)
+        # Counted per document, not per item: a document's chunks travel together.
+        for doc, count in Counter(out.doc for out in outputs).items():
+            self.ledger.add(doc, count)
             if outbox is None:
-                self.ledger.sink(out.doc)
+                self.ledger.sink(doc, count)
+        for out in outputs:
             pages = out.data.get("pages")
             if isinstance(pages, list):  # the documented field of page-producing stages
                 self.outcome.pages += len(pages)
@@ -398,15 +401,16 @@ class Runner:
         for item, _error in failures:
             if id(item) not in mine:
                 await self._release(item.doc)  # held by an earlier batch until now
-        for item in live:
-            if not st.systemic.holds(item):
-                await self._release(item.doc)
-        onward = []
+        for doc, count in Counter(i.doc for i in live if not st.systemic.holds(i)).items():
+            await self._release(doc, count)
+        onward, ended = [], Counter[str]()
         for out in outputs:
             if outbox is None or self.ledger.has_failed(out.doc):
-                await self._release(out.doc)
+                ended[out.doc] += 1
             else:
                 onward.append(out)
+        for doc, count in ended.items():
+            await self._release(doc, count)
         if outbox is not None:
             await outbox.put_many(onward)
 
@@ -430,8 +434,8 @@ class Runner:
         self.metrics.busy_seconds.labels(st.cfg.name).inc(seconds)
         self._touch()
 
-    async def _release(self, doc: str) -> None:
-        finished = self.ledger.release(doc)
+    async def _release(self, doc: str, count: int = 1) -> None:
+        finished = self.ledger.release(doc, count)
         if finished is not None:
             await self._finish(finished)
 
