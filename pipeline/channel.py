@@ -172,7 +172,12 @@ class Channel(Generic[T]):
         count = min(most - len(taken), len(self._items))
         if count <= 0:
             return
-        taken.extend(self._items.popleft() for _ in range(count))
+        if count == len(self._items):
+            taken.extend(self._items)
+            self._items.clear()
+        else:
+            popleft = self._items.popleft
+            taken.extend([popleft() for _ in range(count)])
         if self._full_since is not None:
             self._full_seconds += time.monotonic() - self._full_since
             self._full_since = None

@@ -304,8 +304,9 @@ class Runner:
                 return
             # Split once: releasing a dead item may await, and another worker may fail
             # a document meanwhile; an item must be either released here or processed.
-            dead = [item for item in batch if self.ledger.has_failed(item.doc)]
-            live = [item for item in batch if not self.ledger.has_failed(item.doc)]
+            failed = {doc for doc in {item.doc for item in batch} if self.ledger.has_failed(doc)}
+            dead = [item for item in batch if item.doc in failed] if failed else []
+            live = [item for item in batch if item.doc not in failed] if failed else batch
             if not live:
                 st.give_back(permit)
             for item in dead:
@@ -379,7 +380,8 @@ class Runner:
         Held items (see `pipeline.systemic`) keep their documents open: they are
         neither failed nor released until the stage's verdict is in."""
         # Counted per document, not per item: a document's chunks travel together.
-        for doc, count in Counter(out.doc for out in outputs).items():
+        produced = Counter(out.doc for out in outputs)
+        for doc, count in produced.items():
             self.ledger.add(doc, count)
             if outbox is None:
                 self.ledger.sink(doc, count)
@@ -391,28 +393,29 @@ class Runner:
         # `failures` may include held ones of earlier batches, released by a success.
         for item, error in failures:
             self.ledger.fail(item.doc, stage=error.stage or st.cfg.name, error=error)
-        failed = {id(item) for item, _ in failures}
-        done = sum(1 for i in live if id(i) not in failed and not st.systemic.holds(i))
+        if failures or st.systemic.holding:
+            failed = {id(item) for item, _ in failures}
+            done = sum(1 for i in live if id(i) not in failed and not st.systemic.holds(i))
+            freed = Counter(i.doc for i in live if not st.systemic.holds(i))
+        else:  # the usual batch: every item done
+            done, freed = len(live), Counter(i.doc for i in live)
         st.view.done += done
         st.view.failed += len(failures)
         self.metrics.items.labels(st.cfg.name, "ok").inc(done)
         self.metrics.items.labels(st.cfg.name, "failed").inc(len(failures))
-        mine = {id(item) for item in live}
-        for item, _error in failures:
-            if id(item) not in mine:
-                await self._release(item.doc)  # held by an earlier batch until now
-        for doc, count in Counter(i.doc for i in live if not st.systemic.holds(i)).items():
+        if failures:
+            mine = {id(item) for item in live}
+            for item, _error in failures:
+                if id(item) not in mine:
+                    await self._release(item.doc)  # held by an earlier batch until now
+        for doc, count in freed.items():
             await self._release(doc, count)
-        onward, ended = [], Counter[str]()
-        for out in outputs:
-            if outbox is None or self.ledger.has_failed(out.doc):
-                ended[out.doc] += 1
-            else:
-                onward.append(out)
-        for doc, count in ended.items():
-            await self._release(doc, count)
+        # Outputs of failed documents (and the last stage's) end here; the rest go on.
+        ended = {doc for doc in produced if outbox is None or self.ledger.has_failed(doc)}
+        for doc in ended:
+            await self._release(doc, produced[doc])
         if outbox is not None:
-            await outbox.put_many(onward)
+            await outbox.put_many([o for o in outputs if o.doc not in ended] if ended else outputs)
 
     async def _timed(self, st: StageState, items: list[Item]) -> list[Item]:
         """One call of the stage's pool, counted as busy time for views and metrics."""

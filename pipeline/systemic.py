@@ -90,6 +90,11 @@ class SystemicCheck:
         """Is `item`'s failure held (its document kept open)?"""
         return id(item) in self._held_ids
 
+    @property
+    def holding(self) -> bool:
+        """Whether any failure is held now (if not, no item needs asking about)."""
+        return bool(self._held_ids)
+
     def drain(self) -> Failures:
         """Everything held, to record now (proven, or the stage ended without a verdict)."""
         released, self._held = self._held, []
