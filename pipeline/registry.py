@@ -6,12 +6,14 @@ third-party package adds a stage by declaring an entry point. A
 `package.module:ClassName` path works too, for stages that are not installed
 as plugins (tests, one-off experiments).
 
-Nothing is cached here: entry points are read on each call, so the registry is
-not global state and a freshly installed plugin is seen by the next load.
+The installed entry points are read once per process (a scan of every installed
+distribution: ~30 ms with the extras installed, once per stage otherwise); a
+plugin installed meanwhile is seen by the next `pipeline` command.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib.metadata import EntryPoint, entry_points
 
@@ -24,7 +26,12 @@ GROUP = "pipeline.stages"
 
 def known_kinds() -> list[str]:
     """The installed stage kinds (entry point names), sorted for stable messages."""
-    return sorted({ep.name for ep in entry_points(group=GROUP)})
+    return sorted({ep.name for ep in _installed()})
+
+
+@functools.cache
+def _installed() -> tuple[EntryPoint, ...]:
+    return tuple(entry_points(group=GROUP))
 
 
 def resolve(uses: str) -> type[StageBase]:
@@ -41,7 +48,7 @@ def resolve(uses: str) -> type[StageBase]:
 
 
 def _load_entry_point(kind: str) -> object:
-    matches: list[EntryPoint] = [ep for ep in entry_points(group=GROUP) if ep.name == kind]
+    matches: list[EntryPoint] = [ep for ep in _installed() if ep.name == kind]
     if not matches:
         kinds = ", ".join(known_kinds()) or "none installed"
         raise LookupError(f"unknown stage kind {kind!r}; known kinds: {kinds}")
