@@ -28,6 +28,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import operator
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -380,15 +381,15 @@ class Runner:
         Held items (see `pipeline.systemic`) keep their documents open: they are
         neither failed nor released until the stage's verdict is in."""
         # Counted per document, not per item: a document's chunks travel together.
-        produced = Counter(out.doc for out in outputs)
+        produced = Counter(map(_doc, outputs))
         for doc, count in produced.items():
             self.ledger.add(doc, count)
             if outbox is None:
                 self.ledger.sink(doc, count)
-        for out in outputs:
-            pages = out.data.get("pages")
-            if isinstance(pages, list):  # the documented field of page-producing stages
-                self.outcome.pages += len(pages)
+        if outputs and isinstance(outputs[0].data.get("pages"), list):
+            # The documented field of page-producing stages (a call's outputs are all
+            # of one stage: pages in the first, pages in all).
+            self.outcome.pages += sum(len(out.data.get("pages") or ()) for out in outputs)
         self.outcome.pages += st.pool.take_pages()  # what fused stages consumed
         # `failures` may include held ones of earlier batches, released by a success.
         for item, error in failures:
@@ -398,7 +399,7 @@ class Runner:
             done = sum(1 for i in live if id(i) not in failed and not st.systemic.holds(i))
             freed = Counter(i.doc for i in live if not st.systemic.holds(i))
         else:  # the usual batch: every item done
-            done, freed = len(live), Counter(i.doc for i in live)
+            done, freed = len(live), Counter(map(_doc, live))
         st.view.done += done
         st.view.failed += len(failures)
         self.metrics.items.labels(st.cfg.name, "ok").inc(done)
@@ -497,6 +498,9 @@ class Runner:
         self.outcome.removed = len(gone)
         if gone:
             logger.info("removed %d documents no longer in the source", len(gone))
+
+
+_doc = operator.attrgetter("doc")
 
 
 def _first_fatal(group: BaseExceptionGroup[BaseException]) -> FatalError | None:
