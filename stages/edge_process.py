@@ -23,6 +23,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -42,15 +44,15 @@ class EdgeProcess:
 
     def __init__(self, folder: Path, *, distance: str, flush_s: float) -> None:
         self.folder = folder
-        context = multiprocessing.get_context("forkserver")  # never fork a threaded parent
-        mine, theirs = context.Pipe()
-        self._child = context.Process(
-            target=_serve,
-            args=(theirs, folder, distance, flush_s),
-            name=f"edge {folder.name}",
-            daemon=True,
-        )
-        self._child.start()
+        mine, theirs = multiprocessing.Pipe()
+        # A new interpreter running this module, not a multiprocessing child: that
+        # would import the caller's __main__ again (a script, a notebook, stdin).
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(theirs.fileno()), str(folder), distance,
+             str(flush_s)],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
         theirs.close()
         self._conn: Connection | None = mine
         try:
@@ -117,8 +119,10 @@ class EdgeProcess:
         return value
 
     def _died(self) -> FatalError:
-        self._child.join(timeout=5)
-        code = self._child.exitcode
+        try:
+            code: int | None = self._child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
         self._end()
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return FatalError(f"the Qdrant Edge process for {self.folder} died ({how})")
@@ -127,10 +131,11 @@ class EdgeProcess:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
-        self._child.join(timeout=30)
-        if self._child.is_alive():
+        try:
+            self._child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             self._child.kill()
-            self._child.join()
+            self._child.wait()
 
 
 def _serve(conn: Connection, folder: Path, distance: str, flush_s: float) -> None:
@@ -156,3 +161,8 @@ def _serve(conn: Connection, folder: Path, distance: str, flush_s: float) -> Non
             conn.send(("error", exc))
         if method == "close":
             return
+
+
+if __name__ == "__main__":  # the child: python -m stages.edge_process FD FOLDER DISTANCE FLUSH_S
+    _fd, _folder, _distance, _flush_s = sys.argv[1:5]
+    _serve(Connection(int(_fd)), Path(_folder), _distance, float(_flush_s))
