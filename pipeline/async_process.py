@@ -24,6 +24,7 @@ the report and the end-of-run notes read as they do in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -38,7 +39,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pipeline import registry
-from pipeline.errors import PermanentError
+from pipeline.errors import FatalError, PermanentError
 from pipeline.pools import StageSpec, within
 from pipeline.stage import AsyncStage, Item, PoolKind
 
@@ -80,7 +81,12 @@ class AsyncProcessPool:
         return self._notes
 
     async def open(self) -> None:
-        await self._started()
+        """Start the child and open the stage in it; the stage's own error if it cannot
+        open, a FatalError if the child dies before it could say."""
+        try:
+            await self._started()
+        except PermanentError as exc:  # died before answering: no call could run
+            raise FatalError(f"{self._spec.name}: its process did not start: {exc}") from exc
 
     async def run(self, items: list[Item]) -> list[Item]:
         result: list[Item] = await within(self._timeout_s, self._call("run", items))
@@ -118,7 +124,8 @@ class AsyncProcessPool:
             return await future
         except asyncio.CancelledError:
             if self._pending.pop(call, None) is not None and self._conn is conn:
-                conn.send(("cancel", call, None))  # a timeout, or the run stopping
+                with contextlib.suppress(OSError):  # a child that died has nothing to cancel
+                    conn.send(("cancel", call, None))  # a timeout, or the run stopping
             raise
 
     async def _started(self) -> Connection:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -478,3 +480,50 @@ def test_a_collection_with_points_but_no_record_is_adopted_with_a_warning(
         store.process(with_model(chunks("new.pdf", 1), "m"))
     assert "no record of the model" in caplog.text
     assert store.recorded_model() == "m"
+
+
+def _edge_children() -> list[int]:
+    """This process's children that run `stages.edge_process`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if parent == os.getpid() and b"stages.edge_process" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_an_edge_store_whose_process_died_stops_with_a_fatal_error(tmp_path: Path) -> None:
+    store = make(tmp_path, "edge")
+    store.open()
+    try:
+        store.process(chunks("a.pdf", 2))
+        (child,) = _edge_children()
+        os.kill(child, signal.SIGKILL)
+        with pytest.raises(FatalError, match="died"):
+            store.process(chunks("b.pdf", 2))
+    finally:
+        store.close()
+    assert not _edge_children()
+
+
+def test_an_edge_store_opens_from_a_script_without_a_main_guard(tmp_path: Path) -> None:
+    script = f"""
+from stages.qdrant import Upsert
+from tests.test_qdrant import chunks
+store = Upsert({{"path": {str(tmp_path)!r}, "collection": "docs"}}, name="store")
+store.open()
+store.process(chunks("a.pdf", 3))
+print(store.count())
+store.close()
+"""
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3"
