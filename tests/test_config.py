@@ -570,3 +570,19 @@ def test_a_bare_off_in_yaml_means_off_for_a_choice_that_has_it(tmp_path: Path) -
     text = REAL.replace("uses: pdf.extract", "uses: pdf.extract\n    with: {ocr: off}")
     config = load_config(write(tmp_path, text), env={"EMBEDDING_API_KEY": "k"})
     assert config.stages[0].params["ocr"] == "off"  # YAML 1.1 read `off` as false
+
+
+def test_own_process_is_read_on_async_pools_and_refused_on_others(tmp_path: Path) -> None:
+    text = f"""\
+source: {{path: pdfs}}
+state: .pipeline/state.db
+stages:
+  - {{name: double, uses: "{DOUBLE}", pool: {{kind: thread, size: 1, own_process: true}}}}
+  - {{name: echo, uses: "{ECHO}", pool: {{kind: async, size: 8, own_process: true}}}}
+"""
+    err = load_error(tmp_path, text)
+    assert_says(err, tmp_path / "pipeline.yaml", 4, "stages[0].pool.own_process", "thread pool")
+
+    fixed = text.replace("size: 1, own_process: true", "size: 1")
+    config = load_config(write(tmp_path, fixed), env=ENV)
+    assert config.stages[1].pool == PoolConfig("async", 8, adaptive=True, own_process=True)
