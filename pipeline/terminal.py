@@ -57,7 +57,9 @@ def print_graph(config: PipelineConfig) -> None:
         table.add_row(
             st.name,
             st.uses,
-            f"{st.pool.kind}, own process" if st.pool.own_process else st.pool.kind,
+            f"{st.pool.kind}, own process"
+            if st.pool.own_process and config.executor == "local"  # Ray: an actor anyway
+            else st.pool.kind,
             f"up to {st.pool.size}, adaptive" if st.pool.adaptive else str(st.pool.size),
             str(st.queue),
             str(st.params.get("batch", 1)),
