@@ -23,6 +23,7 @@ from pipeline.pools import Pool, open_pool
 from pipeline.stage import AsyncStage, Item
 from stages.embed_server import EmbeddingServer
 from tests.fault_server import FaultServer
+from tests.processes import alive, descendants
 from tests.stores import collection
 
 
@@ -159,24 +160,6 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
-def children_of(pid: int) -> set[int]:
-    """Every live process descended from `pid` (read from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def test_a_run_with_its_own_embedding_process_stores_what_an_in_process_run_does(
     tmp_path: Path,
 ) -> None:
@@ -204,24 +187,16 @@ def test_kill_9_of_the_engine_ends_its_embedding_and_store_processes(tmp_path: P
             stderr=subprocess.DEVNULL,
         )
         assert server.wait_for_requests(1, timeout=60)
-        children = children_of(proc.pid)
+        children = descendants(proc.pid)
         assert len(children) >= 3  # forkserver, workers, the embed and Edge children
         proc.kill()
         proc.wait(timeout=30)
         server.release()
         for pid in children:  # each child sees its pipe close and exits
             deadline = time.monotonic() + 30
-            while _alive(pid) and time.monotonic() < deadline:
+            while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert not _alive(pid), f"process {pid} outlived the engine"
+            assert not alive(pid), f"process {pid} outlived the engine"
         config.write_text(config.read_text().replace(server.url, good.url))
         rerun = run("run", "-c", str(config), "--no-progress")  # the store's lock was freed
         assert rerun.returncode == 0, rerun.stderr
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return stat[0] != "Z"

@@ -30,6 +30,7 @@ import pytest
 from pipeline.errors import FatalError, PermanentError, TransientError
 from pipeline.stage import Hit, Item, Searcher
 from stages.qdrant import Upsert, point_id
+from tests.processes import command, parents
 
 ENGINES = ["edge", "qdrant-client"]
 DIM = 16
@@ -484,18 +485,11 @@ def test_a_collection_with_points_but_no_record_is_adopted_with_a_warning(
 
 def _edge_children() -> list[int]:
     """This process's children that run `stages.edge_process`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if parent == os.getpid() and b"stages.edge_process" in command:
-            found.append(int(entry.name))
-    return found
+    return [
+        pid
+        for pid, parent in parents().items()
+        if parent == os.getpid() and b"stages.edge_process" in command(pid)
+    ]
 
 
 def test_an_edge_store_whose_process_died_stops_with_a_fatal_error(tmp_path: Path) -> None:
