@@ -35,6 +35,8 @@ class Marked(AsyncStage):
     async def open(self) -> None:
         if self.params.get("refuse"):
             raise FatalError("cannot open: refused on purpose")
+        if self.params.get("die"):
+            os._exit(5)
 
     async def process(self, items: list[Item]) -> list[Item]:
         docs = {item.doc for item in items}
@@ -117,6 +119,13 @@ async def test_a_timeout_cancels_the_call_in_the_child() -> None:
 async def test_a_stage_that_cannot_open_fails_open_with_its_error() -> None:
     p = pool(refuse=True)
     with pytest.raises(FatalError, match="refused on purpose"):
+        await p.open()
+    await p.close()
+
+
+async def test_a_child_that_dies_while_opening_the_stage_stops_the_run() -> None:
+    p = pool(die=True)
+    with pytest.raises(FatalError, match="did not start.*exit code 5"):
         await p.open()
     await p.close()
 
