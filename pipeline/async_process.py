@@ -67,7 +67,6 @@ class AsyncProcessPool:
         self._notes: list[str] = []
         self._child: BaseProcess | None = None
         self._conn: Connection | None = None
-        self._reader: threading.Thread | None = None
         self._starting = asyncio.Lock()
 
     def take_pages(self) -> int:
@@ -96,8 +95,8 @@ class AsyncProcessPool:
         await self._call("discard", list(docs))
 
     async def close(self) -> None:
-        child, conn, reader = self._child, self._conn, self._reader
-        if child is None or conn is None or reader is None:
+        child, conn = self._child, self._conn
+        if child is None or conn is None:
             return
         try:
             async with asyncio.timeout(_CLOSE_S):
@@ -105,8 +104,9 @@ class AsyncProcessPool:
         except Exception:  # noqa: BLE001 - the child is ended below either way
             logger.exception("closing %s's process failed", self._spec.name)
         finally:
-            self._child = self._conn = self._reader = None
-            await asyncio.get_running_loop().run_in_executor(None, _end, child, conn, reader)
+            self._stop_reading(conn)
+            self._child = self._conn = None
+            await asyncio.get_running_loop().run_in_executor(None, _end, child, conn)
 
     # -- calls ---------------------------------------------------------------------
 
@@ -147,30 +147,32 @@ class AsyncProcessPool:
             loop = asyncio.get_running_loop()
             opened: asyncio.Future[Any] = loop.create_future()
             self._pending[-1] = opened
-            reader = threading.Thread(
-                target=self._read, args=(mine, child, loop), name=f"{self._spec.name}-replies"
-            )
-            reader.daemon = True
-            reader.start()
-            self._child, self._conn, self._reader = child, mine, reader
+            loop.add_reader(mine.fileno(), self._read, mine, child)
+            self._child, self._conn = child, mine
             try:
                 await opened
             except BaseException:
-                self._child = self._conn = self._reader = None
-                await loop.run_in_executor(None, _end, child, mine, reader)
+                self._stop_reading(mine)
+                self._child = self._conn = None
+                await loop.run_in_executor(None, _end, child, mine)
                 raise
             return mine
 
-    def _read(self, conn: Connection, child: BaseProcess, loop: asyncio.AbstractEventLoop) -> None:
-        """The reply reader (a thread): hands each reply to the loop; at end-of-file,
-        fails what is still in flight."""
-        while True:
-            try:
-                reply = conn.recv()
-            except (EOFError, OSError):
-                break
-            loop.call_soon_threadsafe(self._deliver, reply)
-        loop.call_soon_threadsafe(self._lost, conn, child)
+    def _read(self, conn: Connection, child: BaseProcess) -> None:
+        """A reply is waiting (read on the loop: a thread would cost the engine's
+        process a hand-over per reply); at end-of-file, fail what is in flight."""
+        try:
+            reply = conn.recv()
+        except (EOFError, OSError):
+            self._stop_reading(conn)
+            self._lost(conn, child)
+            return
+        self._deliver(reply)
+
+    @staticmethod
+    def _stop_reading(conn: Connection) -> None:
+        with contextlib.suppress(ValueError, OSError):  # a closed pipe has no fileno
+            asyncio.get_running_loop().remove_reader(conn.fileno())
 
     def _deliver(self, reply: tuple[int, str, Any, Counter[tuple[str, str]], list[str]]) -> None:
         call, status, value, counts, notes = reply
@@ -188,8 +190,8 @@ class AsyncProcessPool:
         """The child is gone: fail its calls in flight; the next call starts another."""
         if self._conn is not conn:
             return  # closed on purpose, or already replaced
-        self._conn = self._child = self._reader = None
-        conn.close()  # its reader has stopped
+        self._conn = self._child = None
+        conn.close()
         error = _died(child)
         for future in self._pending.values():
             if not future.done():
@@ -205,14 +207,12 @@ def _died(child: BaseProcess | None) -> PermanentError:
     return PermanentError(f"the stage's process died ({how})", reason="worker_died")
 
 
-def _end(child: BaseProcess, conn: Connection, reader: threading.Thread) -> None:
-    """Wait for the child to exit (kill it if it does not), then for its reply reader
-    to see the end of the pipe; only then close our end, which the reader used."""
+def _end(child: BaseProcess, conn: Connection) -> None:
+    """Wait for the child to exit (kill it if it does not), then close our end."""
     child.join(timeout=_CLOSE_S)
     if child.is_alive():
         child.kill()
         child.join()
-    reader.join()
     conn.close()
 
 

@@ -4,12 +4,9 @@ All three look the same to the runner: `await pool.run(items)`. The runner drive
 each pool with as many coroutines as the pool has workers, so busy workers and
 queue depths are counted in one place whatever the pool kind.
 
-- process: CPU work (PDF parsing). pebble's pool, because it does what
-  concurrent.futures cannot: kill a worker that overruns its timeout and replace
-  it, and report a worker that died (segfault, os._exit, out of memory) as
-  ProcessExpired for that one task while the pool keeps its size. Workers start
-  through forkserver, never fork: the parent has threads (metrics server, store
-  client) that a fork would copy mid-lock.
+- process: CPU work (PDF parsing), in `pipeline.process_pool`: worker processes
+  that are killed and replaced when a task overruns its timeout, and whose death
+  (segfault, os._exit, out of memory) fails only the task they held.
 - thread: blocking clients (the Qdrant store). One stage copy shared by threads.
 - async: I/O (embedding calls). N coroutines share one stage copy and one loop.
 """
@@ -18,15 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import resource
-import signal
 from collections import Counter
 from collections.abc import Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
-
-import pebble
 
 from pipeline import registry
 from pipeline.errors import PermanentError, StageError
@@ -90,6 +82,8 @@ def open_pool(
     loop in a child process (see pipeline.async_process)."""
     stage = cls(params, name=name, concurrency=size)  # cheap by contract: no I/O before open()
     if kind == "process":
+        from pipeline.process_pool import ProcessPool
+
         return ProcessPool(
             stage,
             chain=[StageSpec(uses, name, dict(params)), *fused],
@@ -198,99 +192,6 @@ class ThreadPool(_InProcess):
             self._threads.shutdown(wait=False, cancel_futures=True)
 
 
-class ProcessPool:
-    kind: PoolKind = "process"
-
-    def __init__(
-        self,
-        stage: StageBase,
-        *,
-        chain: Sequence[StageSpec],
-        size: int,
-        timeout_s: float | None,
-        memory_mb: int | None,
-    ) -> None:
-        self.size = size
-        self.batch_size = stage.batch_size
-        self.pages = 0
-        # Never opened: each worker process holds its own working copy. This one adds
-        # up the counts the workers send back, for metrics, the report and notes().
-        self.stage: StageBase = stage
-        self._timeout_s = timeout_s
-        self._memory_mb = memory_mb
-        self._pool = pebble.ProcessPool(
-            max_workers=size,
-            initializer=_worker_init,
-            initargs=(list(chain), size, memory_mb),
-            context=multiprocessing.get_context("forkserver"),
-        )
-
-    async def open(self) -> None:
-        return None  # workers start on the first task and build their stage then
-
-    def take_pages(self) -> int:
-        pages, self.pages = self.pages, 0
-        return pages
-
-    def nodes(self) -> dict[str, int]:
-        return {}
-
-    def notes(self) -> list[str]:
-        return self.stage.notes()
-
-    async def run(self, items: list[Item]) -> list[Item]:
-        future = self._pool.schedule(_worker_process, args=(items,), timeout=self._timeout_s)
-        try:
-            result: tuple[list[Item], int, Counter[tuple[str, str]]] = await asyncio.wrap_future(
-                future
-            )
-        except TimeoutError:
-            raise _timed_out(self._timeout_s or 0) from None
-        except pebble.ProcessExpired as died:
-            raise PermanentError(
-                f"worker died: {_exit_reason(died.exitcode)}", reason="worker_died"
-            ) from None
-        except MemoryError:
-            raise PermanentError(
-                f"worker ran out of memory (memory_mb: {self._memory_mb})", reason="out_of_memory"
-            ) from None
-        items, pages, counts = result
-        self.pages += pages
-        self.stage.counts.update(counts)
-        return items
-
-    async def discard(self, docs: Sequence[str]) -> None:
-        del docs  # process stages keep nothing between documents
-
-    async def close(self) -> None:
-        self._pool.stop()  # type: ignore[no-untyped-call]
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.join)
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            pass
-    return f"exit code {code}"
-
-
-# Each worker process holds its own copy of its stages (the first, then any fused
-# into it); this is per-process state by nature, set once by the pool's initializer.
-_worker_chain: list[Stage] = []
-
-
-def _worker_init(chain: list[StageSpec], workers: int, memory_mb: int | None) -> None:
-    """Build the stages in the worker; cap its memory so a ballooning PDF fails alone."""
-    # Ctrl-C reaches the whole process group; the parent decides how to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if memory_mb is not None:
-        limit = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    _worker_chain.extend(build_chain(chain, workers=workers))
-
-
 def build_chain(chain: Sequence[StageSpec], *, workers: int) -> list[Stage]:
     """A worker's own copies of a stage and the stages fused into it, opened."""
     stages = []
@@ -301,12 +202,6 @@ def build_chain(chain: Sequence[StageSpec], *, workers: int) -> list[Stage]:
         stage.open()
         stages.append(stage)
     return stages
-
-
-def _worker_process(items: list[Item]) -> tuple[list[Item], int, Counter[tuple[str, str]]]:
-    if not _worker_chain:
-        raise RuntimeError("worker used before its initializer ran")
-    return run_chain(_worker_chain, items)
 
 
 def run_chain(
