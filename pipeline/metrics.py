@@ -10,7 +10,7 @@ hot path pays nothing for them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
@@ -18,9 +18,19 @@ from prometheus_client.registry import Collector
 
 from pipeline.stage import StageBase
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "StageMeters"]
 
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class StageMeters(NamedTuple):
+    """One stage's labelled series, looked up once: `labels()` costs more than the
+    increment it leads to, and the runner counts several times per batch."""
+
+    items_ok: Any
+    items_failed: Any
+    seconds: Any
+    busy_seconds: Any
 
 
 class Metrics:
@@ -93,14 +103,19 @@ class Metrics:
         depth: Callable[[], float],
         busy: Callable[[], float],
         limit: Callable[[], float],
-    ) -> None:
+    ) -> StageMeters:
+        """Show the stage's queue and workers; returns its series to count into."""
         self.queue_capacity.labels(stage).set(capacity)
         self.workers.labels(stage).set(workers)
         self.concurrency_limit.labels(stage).set_function(limit)
         self.queue_depth.labels(stage).set_function(depth)
         self.workers_busy.labels(stage).set_function(busy)
-        for outcome in ("ok", "failed"):
-            self.items.labels(stage, outcome)
+        return StageMeters(
+            items_ok=self.items.labels(stage, "ok"),
+            items_failed=self.items.labels(stage, "failed"),
+            seconds=self.stage_seconds.labels(stage),
+            busy_seconds=self.busy_seconds.labels(stage),
+        )
 
     def watch_counters(self, stage: StageBase) -> None:
         """Export the counters a stage keeps itself (its COUNTERS), read at scrape time.

@@ -238,7 +238,7 @@ class Runner:
             )
             st = StageState(cfg, pool, inbox, retry)
             self._stages.append(st)
-            self.metrics.watch_stage(
+            st.meters = self.metrics.watch_stage(
                 cfg.name,
                 capacity=capacity,
                 workers=pool.size,
@@ -402,8 +402,9 @@ class Runner:
             done, freed = len(live), Counter(map(_doc, live))
         st.view.done += done
         st.view.failed += len(failures)
-        self.metrics.items.labels(st.cfg.name, "ok").inc(done)
-        self.metrics.items.labels(st.cfg.name, "failed").inc(len(failures))
+        st.meters.items_ok.inc(done)
+        if failures:
+            st.meters.items_failed.inc(len(failures))
         if failures:
             mine = {id(item) for item in live}
             for item, _error in failures:
@@ -431,11 +432,11 @@ class Runner:
             self._busy(st, -1)
             del st.view.running[token]
             st.view.durations.append(elapsed)
-            self.metrics.stage_seconds.labels(st.cfg.name).observe(elapsed)
+            st.meters.seconds.observe(elapsed)
 
     def _busy(self, st: StageState, change: int) -> None:
         seconds = st.track_busy(change)
-        self.metrics.busy_seconds.labels(st.cfg.name).inc(seconds)
+        st.meters.busy_seconds.inc(seconds)
         self._touch()
 
     async def _release(self, doc: str, count: int = 1) -> None:

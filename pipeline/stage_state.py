@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pipeline.channel import Channel
 from pipeline.config import StageConfig
 from pipeline.limit import AdaptiveLimit, LimitStats, Permit
+from pipeline.metrics import StageMeters
 from pipeline.pools import Pool
 from pipeline.retry import RetryPolicy
 from pipeline.stage import Item
@@ -52,6 +53,8 @@ class StageView:
 
 class StageState:
     """One stage of a running pipeline."""
+
+    meters: StageMeters  # its metric series, set once the runner registers them
 
     def __init__(
         self, cfg: StageConfig, pool: Pool, inbox: Channel[Item], retry: RetryPolicy

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-from pipeline.source import walk
+from pipeline.source import file_sha256, walk
 from tests.engine_stages import write_config, write_corpus
 from tests.test_runner import run_once, statuses
 
@@ -75,3 +76,12 @@ async def test_hostile_entries_are_recorded_and_the_rest_indexed(tmp_path: Path)
         "out.txt": "skipped",
         "dangling.txt": "skipped",
     }
+
+
+def test_the_content_hash_is_sha256_of_the_bytes_small_or_large(tmp_path: Path) -> None:
+    # Small files are hashed from one read, large ones in pieces: the same hash.
+    for size in (0, 17, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 3 << 20):
+        data = os.urandom(size)
+        path = tmp_path / f"{size}.pdf"
+        path.write_bytes(data)
+        assert file_sha256(path) == hashlib.sha256(data).hexdigest(), size
