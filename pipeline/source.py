@@ -22,9 +22,6 @@ from pathlib import Path
 __all__ = ["matches", "Entry", "file_sha256", "walk"]
 
 
-_READ_WHOLE = 1 << 20  # a file up to this size is hashed from one read
-
-
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One file the walk matched: a document to consider, or a skip with its reason."""
@@ -101,10 +98,6 @@ def _walk_dir(
 def file_sha256(path: Path) -> str:
     """The content hash: a document's identity across renames and runs."""
     with path.open("rb") as f:
-        head = f.read(_READ_WHOLE)  # most documents: one read, no 256 kB buffer to zero
-        if len(head) < _READ_WHOLE:
-            return hashlib.sha256(head).hexdigest()
-        f.seek(0)
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
