@@ -141,6 +141,8 @@ class ProcessPool:
         for worker in workers:
             self._forget(worker)
             worker.conn.close()
+            for task in worker.tasks:
+                task.future.cancel()
         for task in self._waiting:
             task.future.cancel()
         self._waiting.clear()
@@ -313,14 +315,14 @@ def _work(conn: Connection, chain: list[StageSpec], workers: int, memory_mb: int
         return
     while True:
         try:
-            items = pickle.loads(conn.recv_bytes())
+            task = conn.recv_bytes()
         except (EOFError, OSError):
             return  # the engine closed the pool, or is gone
         reply: tuple[str, Any]
         try:
             if broken is not None:
                 raise broken
-            reply = ("ok", run_chain(stages, items))
+            reply = ("ok", run_chain(stages, pickle.loads(task)))
         except Exception as exc:  # noqa: BLE001 - the engine decides what it means
             reply = ("error", exc)
         try:
