@@ -39,7 +39,6 @@ from collections import deque
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from pipeline.errors import PermanentError
@@ -50,6 +49,7 @@ __all__ = ["ProcessPool"]
 
 _TASKS_PER_WORKER = 2
 _PIPE_SAFE_BYTES = 32 * 1024  # a task this big may wait in a busy worker's pipe
+_PROTOCOL = pickle.HIGHEST_PROTOCOL  # plain pickle: tasks hold no pipes or sockets
 _CLOSE_S = 2.0  # how long closing waits for idle workers to exit before killing them
 
 # A worker's reply: ("ok", (outputs, pages, counts)) or ("error", the exception).
@@ -59,7 +59,7 @@ Reply = tuple[str, Any]
 class _Task:
     __slots__ = ("future", "payload")
 
-    def __init__(self, payload: memoryview, future: asyncio.Future[Reply]) -> None:
+    def __init__(self, payload: bytes, future: asyncio.Future[Reply]) -> None:
         self.payload = payload
         self.future = future
 
@@ -113,7 +113,7 @@ class ProcessPool:
         return self.stage.notes()
 
     async def run(self, items: list[Item]) -> list[Item]:
-        task = _Task(ForkingPickler.dumps(items), asyncio.get_running_loop().create_future())
+        task = _Task(pickle.dumps(items, _PROTOCOL), asyncio.get_running_loop().create_future())
         self._waiting.append(task)
         self._dispatch()
         try:
@@ -326,11 +326,11 @@ def _work(conn: Connection, chain: list[StageSpec], workers: int, memory_mb: int
         except Exception as exc:  # noqa: BLE001 - the engine decides what it means
             reply = ("error", exc)
         try:
-            payload = ForkingPickler.dumps(reply)
+            payload = pickle.dumps(reply, _PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - an error that cannot travel, or no memory
             text = f"{type(reply[1]).__name__}: {reply[1]}" if reply[0] == "error" else repr(exc)
             error = MemoryError() if isinstance(exc, MemoryError) else RuntimeError(text)
-            payload = ForkingPickler.dumps(("error", error))
+            payload = pickle.dumps(("error", error), _PROTOCOL)
         try:
             conn.send_bytes(payload)
         except OSError:
