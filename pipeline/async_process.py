@@ -39,7 +39,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pipeline import registry
-from pipeline.errors import FatalError, PermanentError
+from pipeline.errors import FatalError, PermanentError, exit_reason
 from pipeline.pools import StageSpec, within
 from pipeline.stage import AsyncStage, Item, PoolKind
 
@@ -203,8 +203,7 @@ def _died(child: BaseProcess | None) -> PermanentError:
     if child is not None:
         child.join(timeout=1)
     code = child.exitcode if child is not None else None
-    how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-    return PermanentError(f"the stage's process died ({how})", reason="worker_died")
+    return PermanentError(f"the stage's process died ({exit_reason(code)})", reason="worker_died")
 
 
 def _end(child: BaseProcess, conn: Connection) -> None:

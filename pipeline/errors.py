@@ -20,6 +20,8 @@ a bug in that stage: its document fails with the traceback recorded, the run goe
 
 from __future__ import annotations
 
+import signal
+
 __all__ = [
     "ConfigError",
     "FatalError",
@@ -28,6 +30,7 @@ __all__ = [
     "PipelineError",
     "StageError",
     "TransientError",
+    "exit_reason",
 ]
 
 
@@ -132,6 +135,17 @@ class PermanentError(StageError):
         # A refusal that may come from a setting, not the item (an HTTP 400 or 422):
         # if the first documents all fail alike, the run stops (pipeline.systemic).
         self.config_suspect = config_suspect
+
+
+def exit_reason(code: int | None) -> str:
+    """How a child process ended, for the error that its death causes: the signal's
+    name (a negative exit status), or its exit code."""
+    if code is not None and code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 def _rebuild(

@@ -24,7 +24,16 @@ from pipeline import registry
 from pipeline.errors import PermanentError, StageError
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
-__all__ = ["Pool", "StageSpec", "ThreadPool", "build_chain", "open_pool", "run_chain", "within"]
+__all__ = [
+    "Pool",
+    "StageSpec",
+    "ThreadPool",
+    "build_chain",
+    "open_pool",
+    "run_chain",
+    "timed_out",
+    "within",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +114,8 @@ def open_pool(
     return AsyncPool(stage, size=size, timeout_s=timeout_s)
 
 
-def _timed_out(seconds: float) -> PermanentError:
+def timed_out(seconds: float) -> PermanentError:
+    """The failure of a call that overran the stage's `timeout_s`."""
     return PermanentError(f"timed out after {seconds:g} s", reason="timeout")
 
 
@@ -117,7 +127,7 @@ async def within(seconds: float | None, call: Awaitable[list[Item]]) -> list[Ite
         async with asyncio.timeout(seconds):
             return await call
     except TimeoutError:
-        raise _timed_out(seconds) from None
+        raise timed_out(seconds) from None
 
 
 class _InProcess:

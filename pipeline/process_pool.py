@@ -41,8 +41,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from pipeline.errors import PermanentError
-from pipeline.pools import StageSpec, build_chain, run_chain
+from pipeline.errors import PermanentError, exit_reason
+from pipeline.pools import StageSpec, build_chain, run_chain, timed_out
 from pipeline.stage import Item, PoolKind, Stage, StageBase
 
 __all__ = ["ProcessPool"]
@@ -239,13 +239,14 @@ class ProcessPool:
 
     def _overran(self, worker: _Worker) -> None:
         worker.process.kill()
-        self._drop(worker, f"timed out after {self._timeout_s:g} s", reason="timeout")
+        self._drop(worker, timed_out(self._timeout_s or 0))
 
     def _lost(self, worker: _Worker) -> None:
         worker.process.join(timeout=5)  # its pipe is closed: it is exiting
-        self._drop(worker, f"worker died: {_exit_reason(worker.process.exitcode)}")
+        died = f"worker died: {exit_reason(worker.process.exitcode)}"
+        self._drop(worker, PermanentError(died, reason="worker_died"))
 
-    def _drop(self, worker: _Worker, message: str, *, reason: str = "worker_died") -> None:
+    def _drop(self, worker: _Worker, error: PermanentError) -> None:
         """Fail the worker's running task; the one waiting behind it goes to another."""
         if worker not in self._workers:
             return
@@ -256,7 +257,7 @@ class ProcessPool:
             running = worker.tasks.popleft()
             self._waiting.extendleft(reversed(worker.tasks))
             if not running.future.done():
-                running.future.set_result(("error", PermanentError(message, reason=reason)))
+                running.future.set_result(("error", error))
         if worker.process.is_alive():  # killed: reap it off the loop
             asyncio.get_running_loop().run_in_executor(None, worker.process.join)
         self._dispatch()
@@ -273,15 +274,6 @@ class ProcessPool:
                 f"worker ran out of memory (memory_mb: {self._memory_mb})", reason="out_of_memory"
             )
         return value
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            pass
-    return f"exit code {code}"
 
 
 def _end(processes: list[BaseProcess]) -> None:

@@ -405,7 +405,6 @@ class Runner:
         st.meters.items_ok.inc(done)
         if failures:
             st.meters.items_failed.inc(len(failures))
-        if failures:
             mine = {id(item) for item in live}
             for item, _error in failures:
                 if id(item) not in mine:

@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import FatalError
+from pipeline.errors import FatalError, exit_reason
 
 __all__ = ["EdgeProcess"]
 
@@ -124,8 +124,7 @@ class EdgeProcess:
         except subprocess.TimeoutExpired:
             code = None
         self._end()
-        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return FatalError(f"the Qdrant Edge process for {self.folder} died ({how})")
+        return FatalError(f"the Qdrant Edge process for {self.folder} died ({exit_reason(code)})")
 
     def _end(self) -> None:
         conn, self._conn = self._conn, None

@@ -1,7 +1,9 @@
 """The process pool: a task that hangs or kills its worker fails alone, and the task
 queued behind it in the same worker runs on another; a timeout counts from when the
-worker starts the task; a stage that cannot open fails each task with its reason;
-a task too big for the pipe waits for an idle worker instead of blocking the loop."""
+worker starts the task, not from the building of its stages; a task the worker
+cannot read fails alone; a stage that cannot open fails each task with its reason;
+closing ends the calls in flight; a task too big for the pipe waits for an idle
+worker instead of blocking the loop."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class Work(Stage):
     def open(self) -> None:
         if self.params.get("refuse"):
             raise PermanentError("cannot open: refused on purpose", reason="toy_open")
+        time.sleep(self.params.get("open_s", 0))  # loading a model, say: its own work
 
     def process(self, items: list[Item]) -> list[Item]:
         for item in items:
@@ -36,6 +39,17 @@ class Work(Stage):
             if what == "work":
                 time.sleep(item.data["seconds"])  # the task's own work, not a wait on a test
         return [Item(item.doc, {"pid": os.getpid()}) for item in items]
+
+
+def _explode() -> None:
+    raise ValueError("cannot be rebuilt here")
+
+
+class Unloadable:
+    """Pickles in the engine, fails to unpickle in the worker."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_explode, ())
 
 
 def pool(*, size: int = 1, timeout_s: float | None = None, **params: Any) -> Pool:
@@ -96,6 +110,38 @@ async def test_a_timeout_counts_from_when_the_worker_starts_the_task() -> None:
         assert outs[0][0].data["pid"] == outs[1][0].data["pid"]
     finally:
         await p.close()
+
+
+async def test_building_the_stages_does_not_count_against_the_first_task() -> None:
+    p = pool(timeout_s=1.0, open_s=1.5)
+    await p.open()
+    try:
+        assert (await p.run(task("first")))[0].doc == "first"
+    finally:
+        await p.close()
+
+
+async def test_a_task_the_worker_cannot_unpickle_fails_alone_and_the_worker_lives() -> None:
+    p = pool()
+    await p.open()
+    try:
+        before = (await p.run(task("before")))[0].data["pid"]
+        with pytest.raises(ValueError, match="cannot be rebuilt here"):
+            await p.run(task("bad", thing=Unloadable()))
+        assert (await p.run(task("after")))[0].data["pid"] == before
+    finally:
+        await p.close()
+
+
+async def test_close_ends_the_calls_its_workers_still_hold() -> None:
+    p = pool()
+    await p.open()
+    hung = asyncio.create_task(p.run(task("hang", do="hang")))
+    await asyncio.sleep(0)  # run() has sent it
+    assert len(p._workers[0].tasks) == 1  # type: ignore[attr-defined]
+    await p.close()
+    await asyncio.wait({hung}, timeout=10)  # without close() ending it, never done
+    assert hung.cancelled()
 
 
 async def test_a_stage_that_cannot_open_fails_each_task_with_its_reason() -> None:
