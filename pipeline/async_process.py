@@ -19,6 +19,13 @@ in-process async pool: many calls at once, one copy, one client.
 
 The child sends the stage's counters and notes back with every reply, so metrics,
 the report and the end-of-run notes read as they do in-process.
+
+Stages fused into this one (pipeline.fusion: the store after the embedder) run in
+the child too, each call's outputs in turn, each on threads of its own (they are
+blocking stages). Then what a call sends back is only what the engine needs: on
+the pipeline's last stage (`sink`), which items got through, not their fields.
+The child opens the fused stages and says which model built a store's collection,
+so the engine still checks it before any work (pipeline.vector_space).
 """
 
 from __future__ import annotations
@@ -33,15 +40,17 @@ import pickle
 import signal
 import threading
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline import registry
 from pipeline.errors import FatalError, PermanentError, exit_reason
-from pipeline.pools import StageSpec, within
-from pipeline.stage import AsyncStage, Item, PoolKind
+from pipeline.pools import StageSpec, fused_failure, within
+from pipeline.stage import AsyncStage, Item, PoolKind, Stage
+from pipeline.vector_space import ModelRecord, Recorded
 
 __all__ = ["AsyncProcessPool"]
 
@@ -54,13 +63,23 @@ class AsyncProcessPool:
     kind: PoolKind = "async"
 
     def __init__(
-        self, stage: AsyncStage, *, spec: StageSpec, size: int, timeout_s: float | None
+        self,
+        stage: AsyncStage,
+        *,
+        spec: StageSpec,
+        size: int,
+        timeout_s: float | None,
+        fused: Sequence[StageSpec] = (),
+        sink: bool = False,
     ) -> None:
         self.size = size
         self.batch_size = stage.batch_size
         # Never opened: the child holds the working copy; this one adds up its counts.
         self.stage = stage
         self._spec = spec
+        self._fused = list(fused)
+        self._sink = sink
+        self._recorded: dict[str, str | None] = {}  # a fused store's model, as opened
         self._timeout_s = timeout_s
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -78,6 +97,10 @@ class AsyncProcessPool:
     def notes(self) -> list[str]:
         """The child's notes as of its latest reply."""
         return self._notes
+
+    def copies(self) -> dict[str, object]:
+        fused = {name: Recorded(model) for name, model in self._recorded.items()}
+        return {self.stage.name: self.stage, **fused}
 
     async def open(self) -> None:
         """Start the child and open the stage in it; the stage's own error if it cannot
@@ -138,7 +161,8 @@ class AsyncProcessPool:
             mine, theirs = context.Pipe()
             child = context.Process(
                 target=_serve,
-                args=(theirs, self._spec, self.size),
+                args=(theirs, self._spec, self.size, self._fused),
+                kwargs={"sink": self._sink},
                 name=f"{self._spec.name} (async)",
                 daemon=True,
             )
@@ -150,7 +174,7 @@ class AsyncProcessPool:
             loop.add_reader(mine.fileno(), self._read, mine, child)
             self._child, self._conn = child, mine
             try:
-                await opened
+                self._recorded = await opened
             except BaseException:
                 self._stop_reading(mine)
                 self._child = self._conn = None
@@ -218,20 +242,41 @@ def _end(child: BaseProcess, conn: Connection) -> None:
 # -- the child -------------------------------------------------------------------------
 
 
-def _serve(conn: Connection, spec: StageSpec, size: int) -> None:
-    """The child: build and open the stage, then run calls until close or end-of-file."""
+def _serve(
+    conn: Connection, spec: StageSpec, size: int, fused: list[StageSpec], *, sink: bool
+) -> None:
+    """The child: build and open the stages, then run calls until close or end-of-file."""
     # The engine decides when to stop (Ctrl-C and SIGTERM reach the whole group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    asyncio.run(_Child(conn, spec, size).serve())
+    asyncio.run(_Child(conn, spec, size, fused, sink=sink).serve())
+
+
+class _Fused(NamedTuple):
+    stage: Stage
+    threads: ThreadPoolExecutor
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
 
 
 class _Child:
-    def __init__(self, conn: Connection, spec: StageSpec, size: int) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        spec: StageSpec,
+        size: int,
+        fused: list[StageSpec],
+        *,
+        sink: bool,
+    ) -> None:
         self.conn = conn
         self.spec = spec
         self.size = size
+        self.specs = fused
+        self.sink = sink
         self.stage: AsyncStage | None = None
+        self.fused: list[_Fused] = []
         self.tasks: dict[int, asyncio.Task[Any]] = {}
         self.closing: set[int] = set()
         self.sent: Counter[tuple[str, str]] = Counter()  # counts already sent
@@ -245,10 +290,11 @@ class _Child:
                 raise TypeError(f"{spec.uses} is not an async stage")
             self.stage = stage
             await stage.open()
+            recorded = await self._open_fused()
         except Exception as exc:  # noqa: BLE001 - the engine raises it from open()
             self._reply(-1, "error", exc)
             return
-        self._reply(-1, "ok", None)
+        self._reply(-1, "ok", recorded)
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(loop,), daemon=True).start()
         await self.done.wait()
@@ -268,13 +314,11 @@ class _Child:
             if task is not None:
                 task.cancel()
             return
-        stage = self.stage
-        assert stage is not None
         work: Coroutine[Any, Any, Any]
         if what == "run":
-            work = stage.process(argument)
+            work = self._run(argument)
         elif what == "discard":
-            work = stage.discard(argument)
+            work = self._discard(argument)
         else:
             self.closing.add(call)
             work = self._close()
@@ -282,12 +326,47 @@ class _Child:
         self.tasks[call] = task
         task.add_done_callback(lambda t: self._finished(call, t))
 
+    async def _open_fused(self) -> dict[str, str | None]:
+        """Open the fused stages; which model built each store's collection."""
+        recorded = {}
+        for spec in self.specs:
+            stage = registry.resolve(spec.uses)(spec.params, name=spec.name, concurrency=spec.size)
+            if not isinstance(stage, Stage):
+                raise TypeError(f"{spec.uses} is not a blocking stage")
+            fused = _Fused(stage, ThreadPoolExecutor(spec.size, thread_name_prefix=spec.name))
+            self.fused.append(fused)
+            await fused.call(stage.open)
+            if isinstance(stage, ModelRecord):
+                recorded[spec.name] = await fused.call(stage.recorded_model)
+        return recorded
+
+    async def _run(self, items: list[Item]) -> list[Item]:
+        assert self.stage is not None
+        out = await self.stage.process(items)
+        for fused in self.fused:
+            try:
+                out = await fused.call(fused.stage.process, out)
+            except Exception as exc:  # noqa: BLE001 - see fused_failure
+                raise fused_failure(fused.stage.name, exc)  # noqa: B904 - may be `exc`
+        return [Item(item.doc) for item in out] if self.sink else out
+
+    async def _discard(self, docs: list[str]) -> None:
+        assert self.stage is not None
+        await self.stage.discard(docs)
+        for fused in self.fused:
+            await fused.call(fused.stage.discard, docs)
+
     async def _close(self) -> None:
         me = asyncio.current_task()
         running = [t for t in self.tasks.values() if t is not me and not t.done()]
         await asyncio.gather(*running, return_exceptions=True)
         assert self.stage is not None
-        await self.stage.close()
+        try:
+            await self.stage.close()
+        finally:
+            for fused in self.fused:
+                await fused.call(fused.stage.close)
+                fused.threads.shutdown()
 
     def _finished(self, call: int, task: asyncio.Task[Any]) -> None:
         self.tasks.pop(call, None)

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from pipeline.config import PipelineConfig, load_config, ray_installed
 from pipeline.errors import ConfigError, FatalError, InUseError
+from pipeline.fusion import fuse
 from pipeline.outcome import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 from pipeline.stage import AsyncStage, QueryEmbedder, Searcher, Stage
 from pipeline.vector_space import check_space
@@ -223,7 +224,8 @@ def _with_executor(config: PipelineConfig, args: argparse.Namespace) -> Pipeline
     ray = config.ray
     if args.ray_address:
         ray = dataclasses.replace(ray, address=args.ray_address)
-    return dataclasses.replace(config, executor=executor, ray=ray)
+    stages = fuse(config.stages, executor=executor)  # what fuses depends on where it runs
+    return dataclasses.replace(config, executor=executor, ray=ray, stages=stages)
 
 
 def _check_run_flags(args: argparse.Namespace) -> None:

@@ -86,7 +86,7 @@ class StageConfig:
     # pickles into worker processes; left out of the hash because dicts have none.
     params: Mapping[str, Any] = field(hash=False)
     line: int
-    fused: tuple[StageConfig, ...] = ()  # run in this stage's workers (pipeline.fusion)
+    fused: tuple[StageConfig, ...] = ()  # run in this stage's process(es) (pipeline.fusion)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +245,7 @@ class _Loader:
             file=path,
             source=src,
             state=self.resolve_path(top["state"]),
-            stages=fuse(stages),
+            stages=fuse(stages, executor=top["executor"]),
             shutdown_timeout_s=top["shutdown_timeout_s"],
             min_free_mb=top["min_free_mb"],
             watch=WatchConfig(**self.section(top["watch"] or {}, ("watch",), WATCH)),

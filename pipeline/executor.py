@@ -29,8 +29,9 @@ __all__ = ["Executor", "LocalExecutor", "open_executor", "placement"]
 class Executor(Protocol):
     name: str
 
-    def open_pool(self, cfg: StageConfig) -> Pool:
-        """The pool that runs `cfg` (and the stages fused into it)."""
+    def open_pool(self, cfg: StageConfig, *, sink: bool = False) -> Pool:
+        """The pool that runs `cfg` (and the stages fused into it); `sink`: the
+        pipeline's last stage, whose outputs the engine only counts."""
 
     def close(self) -> None:
         """Release what the executor started (a local Ray instance)."""
@@ -41,7 +42,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def open_pool(self, cfg: StageConfig) -> Pool:
+    def open_pool(self, cfg: StageConfig, *, sink: bool = False) -> Pool:
         return open_pool(
             cfg.cls,
             uses=cfg.uses,
@@ -51,8 +52,9 @@ class LocalExecutor:
             params=cfg.params,
             timeout_s=cfg.timeout_s,
             memory_mb=cfg.memory_mb,
-            fused=[StageSpec(f.uses, f.name, dict(f.params)) for f in cfg.fused],
+            fused=[StageSpec(f.uses, f.name, dict(f.params), f.pool.size) for f in cfg.fused],
             own_process=cfg.pool.own_process,
+            sink=sink,
         )
 
     def close(self) -> None:

@@ -1,18 +1,31 @@
-"""Operator fusion: a cheap stage runs inside the worker processes of the stage before it.
+"""Operator fusion: a stage runs inside the process of the stage before it.
 
-Chunking a document takes a fraction of the time extracting it does. Run as its own
-stage it would cost the engine's process a channel round trip, a thread hop and the
-pickled pages of every document; on a machine with many cores that process is the
-ceiling of the whole pipeline. So, as Ray Data and Spark fuse map operators, a stage
-that declares itself `FUSIBLE` and is set to run on a process pool right after a
-process-pool stage runs in that stage's workers, on the same call: pages never
-leave the worker, only chunks do.
+Every item a stage's pool hands back passes through the engine's process, the one
+process every chunk passes through and, on a machine with many cores, the ceiling
+of the whole pipeline. So, as Ray Data and Spark fuse map operators, a stage that
+declares itself `FUSIBLE` runs where the stage before it already runs, on the same
+call, when that is a process of its own:
+
+    host                                fused stage       runs in
+    process pool                        process pool      each of the host's workers:
+                                                          pages never leave the worker,
+                                                          only chunks do (text.chunk)
+    async pool, `own_process: true`     thread pool       the host's child process, on
+                                                          threads of its own: vectors
+                                                          never come back to the engine,
+                                                          only which items were stored
+                                                          (qdrant.upsert)
+
+Only with the local executor: on Ray, thread stages stay on the driver (an
+embedded store is written from one place only), and process stages fuse as
+above.
 
 The YAML still lists it as its own stage (reordering or removing it stays an edit);
-`pipeline validate` shows the fusion; `pool: {kind: thread}` on the fused stage
-undoes it. Its failures are still its own: a document failing in the fused stage
-is recorded at that stage's name. Its own `queue`, `timeout_s` and `retry` give way
-to the host's, which bound the whole call.
+`pipeline validate` shows the fusion; `pool: {kind: thread}` on a stage after a
+process pool, or `own_process: false` on an async host, undoes it. Its failures are
+still its own: a document failing in the fused stage is recorded at that stage's
+name. Its own `queue`, `timeout_s`, `retry` and batch size give way to the host's,
+which bound the whole call.
 """
 
 from __future__ import annotations
@@ -24,21 +37,34 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pipeline.config import StageConfig
 
-__all__ = ["fuse"]
+__all__ = ["declared", "fuse"]
 
 
-def fuse(stages: Sequence[StageConfig]) -> tuple[StageConfig, ...]:
-    """The stages to run: each fusible process-pool stage folded into the stage before."""
+def fuse(stages: Sequence[StageConfig], *, executor: str) -> tuple[StageConfig, ...]:
+    """The stages to run on `executor`: each fusible stage folded into its host.
+    Stages already fused are unfolded first, so a config can be fused again for
+    another executor."""
     out: list[StageConfig] = []
-    for stage in stages:
+    for stage in declared(stages):
         host = out[-1] if out else None
-        if (
-            host is not None
-            and host.pool.kind == "process"
-            and stage.pool.kind == "process"
-            and stage.cls.FUSIBLE
-        ):
+        if host is not None and stage.cls.FUSIBLE and _hosts(host, stage, executor):
             out[-1] = dataclasses.replace(host, fused=(*host.fused, stage))
         else:
             out.append(stage)
     return tuple(out)
+
+
+def declared(stages: Sequence[StageConfig]) -> list[StageConfig]:
+    """The stages as pipeline.yaml lists them, hosts and fused stages unfolded."""
+    return [
+        one
+        for stage in stages
+        for one in (dataclasses.replace(stage, fused=()) if stage.fused else stage, *stage.fused)
+    ]
+
+
+def _hosts(host: StageConfig, stage: StageConfig, executor: str) -> bool:
+    if host.pool.kind == "process":
+        return stage.pool.kind == "process"
+    own = host.pool.kind == "async" and host.pool.own_process and executor == "local"
+    return own and stage.pool.kind == "thread"

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
 from pipeline import registry
-from pipeline.errors import PermanentError, StageError
+from pipeline.errors import FatalError, PermanentError, StageError
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "StageSpec",
     "ThreadPool",
     "build_chain",
+    "fused_failure",
     "open_pool",
     "run_chain",
     "timed_out",
@@ -44,6 +45,7 @@ class StageSpec(NamedTuple):
     uses: str
     name: str
     params: dict[str, Any]
+    size: int = 1  # its threads, where a fused stage has threads of its own
 
 
 class Pool(Protocol):
@@ -65,6 +67,11 @@ class Pool(Protocol):
         """The engine's copy of the stage: the working one on thread and async pools,
         on a process pool an unopened copy that adds up what the workers counted."""
 
+    def copies(self) -> dict[str, object]:
+        """What the engine can ask of each stage the pool runs, by name, for checks
+        across stages (`pipeline.vector_space`): `stage`, and for a stage fused into
+        a process of the pool's, what that process found out about it."""
+
     async def open(self) -> None: ...
     async def run(self, items: list[Item]) -> list[Item]: ...
     async def discard(self, docs: Sequence[str]) -> None: ...
@@ -83,12 +90,14 @@ def open_pool(
     memory_mb: int | None,
     fused: Sequence[StageSpec] = (),
     own_process: bool = False,
+    sink: bool = False,
 ) -> Pool:
     """Build the pool of `kind` for one stage; `await pool.open()` starts it.
 
-    `fused` stages (process pools only) run in the same workers, on each call's
-    outputs in turn (see pipeline.fusion). `own_process` puts an async pool's event
-    loop in a child process (see pipeline.async_process)."""
+    `fused` stages run in the same process, on each call's outputs in turn (see
+    pipeline.fusion): a process pool's workers, or the child process that
+    `own_process` gives an async pool (see pipeline.async_process). `sink`: the
+    pipeline's last stage, whose outputs the engine only counts."""
     stage = cls(params, name=name, concurrency=size)  # cheap by contract: no I/O before open()
     if kind == "process":
         from pipeline.process_pool import ProcessPool
@@ -110,7 +119,9 @@ def open_pool(
         from pipeline.async_process import AsyncProcessPool
 
         spec = StageSpec(uses, name, dict(params))
-        return AsyncProcessPool(stage, spec=spec, size=size, timeout_s=timeout_s)
+        return AsyncProcessPool(
+            stage, spec=spec, size=size, timeout_s=timeout_s, fused=fused, sink=sink
+        )
     return AsyncPool(stage, size=size, timeout_s=timeout_s)
 
 
@@ -149,6 +160,9 @@ class _InProcess:
 
     def notes(self) -> list[str]:
         return self.stage.notes()
+
+    def copies(self) -> dict[str, object]:
+        return {self.stage.name: self.stage}
 
 
 class AsyncPool(_InProcess):
@@ -237,11 +251,21 @@ def _run_fused(first: Stage, fused: Sequence[Stage], items: list[Item]) -> tuple
         pages += sum(len(i.data["pages"]) for i in out if isinstance(i.data.get("pages"), list))
         try:
             out = stage.process(out)
-        except StageError as exc:
-            exc.stage = stage.name  # its failure is its own, not the host's
-            raise
-        except Exception as exc:  # noqa: BLE001 - a stage bug fails its items, as in batch.py
-            error = PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
-            error.stage = stage.name
-            raise error from exc
+        except Exception as exc:  # noqa: BLE001 - see fused_failure
+            raise fused_failure(stage.name, exc)  # noqa: B904 - may be `exc` itself
     return out, pages
+
+
+def fused_failure(stage: str, exc: Exception) -> Exception:
+    """What a fused stage's exception becomes: a StageError its own, not the host's
+    (the document fails at `stage`); a FatalError as it was (the run stops); anything
+    else a bug of that stage, which fails its items, as in pipeline.batch."""
+    if isinstance(exc, FatalError):
+        return exc
+    if isinstance(exc, StageError):
+        error = exc
+    else:
+        error = PermanentError(f"{type(exc).__name__}: {exc}", reason="bug")
+        error.__cause__ = exc
+    error.stage = stage
+    return error

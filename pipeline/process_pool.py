@@ -112,6 +112,9 @@ class ProcessPool:
     def notes(self) -> list[str]:
         return self.stage.notes()
 
+    def copies(self) -> dict[str, object]:
+        return {self.stage.name: self.stage}
+
     async def run(self, items: list[Item]) -> list[Item]:
         task = _Task(pickle.dumps(items, _PROTOCOL), asyncio.get_running_loop().create_future())
         self._waiting.append(task)

@@ -169,6 +169,9 @@ class RayPool:
         """The actor's latest notes; a task stage's come from the counts sent back."""
         return self._notes or self.stage.notes()
 
+    def copies(self) -> dict[str, object]:
+        return {self.stage.name: self.stage}
+
     async def open(self) -> None:
         """Wait for every actor to start and open its stages: a stage that cannot open
         (a missing model, a bad key) stops the run before any document is handed on."""
@@ -250,7 +253,8 @@ class RayExecutor:
             where = config.address or "a local instance"
             raise FatalError(f"cannot start or join Ray ({where}): {exc}") from exc
 
-    def open_pool(self, cfg: StageConfig) -> Pool:
+    def open_pool(self, cfg: StageConfig, *, sink: bool = False) -> Pool:
+        del sink  # outputs come back through Ray's object store either way
         stage = cfg.cls(cfg.params, name=cfg.name, concurrency=cfg.pool.size)
         if cfg.pool.kind == "thread":
             if not isinstance(stage, Stage):

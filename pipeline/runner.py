@@ -88,6 +88,9 @@ class Runner:
         self._cancelled = False
         self._tokens = itertools.count()
         self._settle_s = settle_s  # files modified more recently are left for later
+        # Where a failure may have left part of a document written: the last stage.
+        last = config.stages[-1]
+        self._last = {last.name, *(fused.name for fused in last.fused)}
 
     # -- observation -------------------------------------------------------------
 
@@ -222,7 +225,7 @@ class Runner:
 
     async def _open_stages(self) -> None:
         for cfg in self.config.stages:
-            pool = self.executor.open_pool(cfg)
+            pool = self.executor.open_pool(cfg, sink=cfg is self.config.stages[-1])
             # `queue` counts what one worker takes at once: a batch. Counted in items, a
             # queue of 2 x workers would starve a batching stage into batches of 2.
             capacity = cfg.queue * pool.batch_size
@@ -249,7 +252,8 @@ class Runner:
             self.metrics.watch_counters(pool.stage)
             await pool.open()
         try:
-            check_space(self.config, {st.cfg.name: st.pool.stage for st in self._stages})
+            copies = {name: c for st in self._stages for name, c in st.pool.copies().items()}
+            check_space(self.config, copies)
         except StageError as exc:  # the store could not say (a server timing out)
             raise FatalError(f"cannot read which model built the collection: {exc}") from exc
 
@@ -457,7 +461,7 @@ class Runner:
             self.metrics.documents.labels("indexed").inc()
         else:
             stage, error = done.failure
-            if done.sunk or stage == self._stages[-1].cfg.name:
+            if done.sunk or stage in self._last:
                 await self._discard([done.doc])  # no half-indexed document stays searchable
             message = str(error)
             self.state.mark_failed(done.doc, stage=stage, reason=error.reason, message=message)

@@ -104,8 +104,9 @@ class StageBase:
     # `pipeline_<name>_total{stage, <label>}`: name -> (label, help). A worker
     # process sends its counts back with each call's results.
     COUNTERS: ClassVar[Mapping[str, tuple[str, str]]] = {}
-    # Cheap, stateless per item: on a process pool right after another process-pool
-    # stage, it runs inside that stage's workers (see pipeline.fusion).
+    # Runs as well in another process, on the outputs of the stage before it: right
+    # after a process-pool stage, or an async stage in its own process, it runs in
+    # that stage's process (see pipeline.fusion). Shares nothing with the engine's.
     FUSIBLE: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any], *, name: str, concurrency: int = 1) -> None:

@@ -66,7 +66,8 @@ def print_graph(config: PipelineConfig) -> None:
             "-" if st.timeout_s is None else f"{st.timeout_s:g}",
         )
         for fused in st.fused:
-            table.add_row(fused.name, fused.uses, f"in {st.name}'s workers", "-", "-", "-", "-")
+            where = "workers" if st.pool.kind == "process" else "process"
+            table.add_row(fused.name, fused.uses, f"in {st.name}'s {where}", "-", "-", "-", "-")
     _out().print(table)
     for line in placements:
         _out().print(line)

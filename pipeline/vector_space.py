@@ -17,14 +17,16 @@ are the same model, served or in-process.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pipeline.errors import ConfigError
+from pipeline.fusion import declared
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
-__all__ = ["EmbeddingModel", "ModelRecord", "check_space", "same_model"]
+__all__ = ["EmbeddingModel", "ModelRecord", "Recorded", "check_space", "same_model"]
 
 
 @runtime_checkable
@@ -42,6 +44,17 @@ class ModelRecord(Protocol):
     def recorded_model(self) -> str | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What a store opened in another process said about its collection (a store
+    fused into the embedder's process, pipeline.fusion): a ModelRecord to check."""
+
+    model: str | None
+
+    def recorded_model(self) -> str | None:
+        return self.model
+
+
 def same_model(a: str, b: str) -> bool:
     """Whether two names of a model name the same one: the last part, any case."""
     return _short(a) == _short(b)
@@ -56,8 +69,7 @@ def check_space(config: PipelineConfig, copies: Mapping[str, object]) -> None:
     one the embedding stage uses. `copies` maps stage names to the engine's copies
     (the store's opened)."""
     embedder = store = None
-    declared = [st for host in config.stages for st in (host, *host.fused)]  # YAML order
-    for index, cfg in enumerate(declared):
+    for index, cfg in enumerate(declared(config.stages)):  # YAML order
         copy = copies.get(cfg.name)
         if embedder is None and isinstance(copy, EmbeddingModel):
             embedder = (index, cfg, copy)

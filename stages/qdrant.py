@@ -116,6 +116,9 @@ class Upsert(Stage):
     }
     POOLS: ClassVar[tuple[PoolKind, ...]] = ("thread",)
     DEFAULT_SIZE: ClassVar[int | Literal["auto"]] = 1
+    # After an embedding stage in its own process, it stores from there: the vectors
+    # never come back to the engine's process (pipeline.fusion).
+    FUSIBLE: ClassVar[bool] = True
 
     def __init__(self, params: Mapping[str, Any], *, name: str, concurrency: int = 1) -> None:
         super().__init__(params, name=name, concurrency=concurrency)
