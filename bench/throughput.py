@@ -375,6 +375,9 @@ class BenchOptions:
     embed_workers: int | None = None  # None: as in pipeline.yaml
     batch: int | None = None
     embed_queue: int | None = None  # in batches; None: as in pipeline.yaml (unset: 2 x workers)
+    # False: embed in the engine's process, and so the store a stage of its own
+    # (pipeline.fusion); None: as in pipeline.yaml (its own process, the store in it)
+    embed_own_process: bool | None = None
     extract_workers: int | None = None  # None: as in pipeline.yaml ("auto")
     extractor: str = "pypdf"  # pdf.extract's engine: pypdf or pdfium
     model: str = "hash-384"  # what the embedding server serves
@@ -416,6 +419,8 @@ def write_config(folder: Path, corpus: Path, url: str, opts: BenchOptions) -> Pa
                 params["batch"] = opts.batch
             if opts.embed_queue is not None:
                 stage["queue"] = opts.embed_queue
+            if opts.embed_own_process is not None:
+                pool["own_process"] = opts.embed_own_process
         elif stage["uses"] == "qdrant.upsert":
             params["path"] = str(folder / "qdrant")
             params["engine"] = opts.engine
@@ -710,8 +715,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("local", "ray"), default="local")
     p.add_argument("--chunk-size", type=int, help="text.chunk size in characters")
     p.add_argument("--chunk-overlap", type=int, help="text.chunk overlap in characters")
-    p.add_argument("--store-batch", type=int, help="points per upsert (stage default 256)")
-    p.add_argument("--store-queue", type=int, help="store's queue: batches (default 2)")
+    p.add_argument(
+        "--embed-in-engine",
+        action="store_true",
+        help="embed in the engine's process (own_process: false): the store is its own stage",
+    )
+    p.add_argument(
+        "--store-batch", type=int, help="points per upsert, with --embed-in-engine (default 256)"
+    )
+    p.add_argument(
+        "--store-queue", type=int, help="store's queue in batches, with --embed-in-engine"
+    )
     p.add_argument("--reopen", action="store_true", help="also time reopening the store")
     p.add_argument("--mode", choices=("pipeline", "pypdf", "both"), default="pipeline")
     p.add_argument(
@@ -735,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         embed_workers=args.embed_workers,
         batch=args.batch,
         embed_queue=args.embed_queue,
+        embed_own_process=False if args.embed_in_engine else None,
         extract_workers=args.extract_workers,
         extractor=args.extractor,
         engine=args.engine,

@@ -228,7 +228,8 @@ POOL: Mapping[str, Key] = {
     "own_process": Key(
         FLAG,
         "Async pools: run the stage's event loop in a process of its own, so its I/O work"
-        " (HTTP, JSON, decoding replies) takes no CPU from the engine's process.",
+        " (HTTP, JSON, decoding replies) takes no CPU from the engine's process; a fusible"
+        " thread-pool stage right after it (the store) runs in that process too.",
         default=False,
     ),
 }

@@ -11,16 +11,18 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
 from pipeline.errors import FatalError, PermanentError, TransientError
-from pipeline.pools import Pool, open_pool
-from pipeline.stage import AsyncStage, Item
+from pipeline.pools import Pool, StageSpec, open_pool
+from pipeline.stage import AsyncStage, Item, Stage
+from pipeline.vector_space import ModelRecord
 from stages.embed_server import EmbeddingServer
 from tests.fault_server import FaultServer
 from tests.processes import alive, descendants
@@ -58,7 +60,40 @@ class Marked(AsyncStage):
         return [f"{self.counts[('calls', 'ok')]} calls went well"]
 
 
-def pool(timeout_s: float | None = None, **params: Any) -> Pool:
+class Kept(Stage):
+    """A blocking stage fused after Marked (a store, say): it runs in Marked's child,
+    on threads of its own; misbehaves on the marks in an item's doc."""
+
+    def open(self) -> None:
+        if self.params.get("refuse"):
+            raise FatalError("the store cannot open")
+
+    def process(self, items: list[Item]) -> list[Item]:
+        docs = {item.doc for item in items}
+        if "reject" in docs:
+            raise PermanentError("the store rejected it", reason="rejected")
+        if "bug" in docs:
+            raise KeyError("vector")
+        if "wrong" in docs:
+            raise FatalError("vectors of another model")
+        where = (os.getpid(), threading.current_thread().name)
+        return [Item(item.doc, {**item.data, "kept_by": where}) for item in items]
+
+    def discard(self, docs: Sequence[str]) -> None:
+        with open(self.params["log"], "a") as log:
+            log.writelines(f"{doc}\n" for doc in docs)
+
+    def recorded_model(self) -> str | None:
+        return "model-x"
+
+
+def pool(
+    timeout_s: float | None = None,
+    *,
+    fused: Sequence[StageSpec] = (),
+    sink: bool = False,
+    **params: Any,
+) -> Pool:
     return open_pool(
         Marked,
         uses=f"{Marked.__module__}:Marked",
@@ -68,8 +103,14 @@ def pool(timeout_s: float | None = None, **params: Any) -> Pool:
         params=params,
         timeout_s=timeout_s,
         memory_mb=None,
+        fused=fused,
         own_process=True,
+        sink=sink,
     )
+
+
+def kept(log: Path, **params: Any) -> StageSpec:
+    return StageSpec(f"{Kept.__module__}:Kept", "kept", {"log": str(log), **params}, 2)
 
 
 async def test_calls_run_in_the_child_and_come_back_with_counts_and_notes() -> None:
@@ -139,6 +180,60 @@ async def test_close_ends_the_child() -> None:
         os.kill(pid, 0)
 
 
+async def test_a_fused_stage_runs_in_the_child_on_threads_of_its_own(tmp_path: Path) -> None:
+    p = pool(fused=[kept(tmp_path / "log")])
+    await p.open()
+    try:
+        [out] = await p.run([Item("a", {"n": 1})])
+        await p.discard(["a", "b"])
+        copies = p.copies()
+    finally:
+        await p.close()
+    pid, thread = out.data["kept_by"]
+    assert pid == out.data["pid"] != os.getpid()  # after the host, in its child
+    assert thread.startswith("kept") and out.data["n"] == 1
+    assert (tmp_path / "log").read_text().split() == ["a", "b"]  # discard reached it
+    # what the child's copy said of its collection, for the engine's model check
+    assert copies["marked"] is p.stage
+    assert isinstance(copies["kept"], ModelRecord)
+    assert copies["kept"].recorded_model() == "model-x"
+
+
+async def test_a_fused_stage_fails_under_its_own_name(tmp_path: Path) -> None:
+    p = pool(fused=[kept(tmp_path / "log")])
+    await p.open()
+    try:
+        with pytest.raises(PermanentError) as rejected:
+            await p.run([Item("reject", {})])
+        with pytest.raises(PermanentError) as bug:
+            await p.run([Item("bug", {})])
+        with pytest.raises(FatalError, match="another model"):
+            await p.run([Item("wrong", {})])
+    finally:
+        await p.close()
+    assert (rejected.value.stage, rejected.value.reason) == ("kept", "rejected")
+    assert (bug.value.stage, bug.value.reason) == ("kept", "bug")
+
+
+async def test_a_fused_stage_that_cannot_open_fails_open(tmp_path: Path) -> None:
+    p = pool(fused=[kept(tmp_path / "log", refuse=True)])
+    with pytest.raises(FatalError, match="cannot open"):
+        await p.open()
+    await p.close()
+
+
+async def test_the_last_stage_sends_back_which_items_got_through_not_their_fields(
+    tmp_path: Path,
+) -> None:
+    p = pool(fused=[kept(tmp_path / "log")], sink=True)
+    await p.open()
+    try:
+        out = await p.run([Item("a", {"text": "x" * 1000}), Item("b", {"text": "y"})])
+    finally:
+        await p.close()
+    assert out == [Item("a"), Item("b")]
+
+
 # -- the whole pipeline, as a user runs it ------------------------------------------------
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "pdfs"
@@ -184,6 +279,21 @@ def test_a_run_with_its_own_embedding_process_stores_what_an_in_process_run_does
             embed = next(s for s in report["stages"] if s["name"] == "embed")
             assert embed["counters"]  # the child's request counts reached the report
     assert runs[True] == runs[False] and runs[True]
+
+
+def test_a_store_in_the_embedders_process_still_refuses_another_model_before_any_work(
+    tmp_path: Path,
+) -> None:
+    with EmbeddingServer() as server:
+        config = project(tmp_path, server.url, own_process=True)
+        assert run("run", "-c", str(config), "--no-progress").returncode == 0
+        requests = server.requests
+        config.write_text(config.read_text().replace("hash-384", "all-MiniLM-L6-v2"))
+        refused = run("run", "-c", str(config), "--no-progress")
+        assert server.requests == requests  # refused before any call
+    assert refused.returncode == 2, refused.stderr  # a config error, not a failed write
+    said = " ".join(refused.stderr.split())
+    assert "stages[2].with.model" in said and "'hash-384'" in said
 
 
 def test_kill_9_of_the_engine_ends_its_embedding_and_store_processes(tmp_path: Path) -> None:

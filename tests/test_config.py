@@ -21,6 +21,7 @@ from pipeline.config import (
     load_config,
 )
 from pipeline.errors import ConfigError
+from pipeline.fusion import declared, fuse
 from pipeline.registry import known_kinds, resolve
 from pipeline.schema import RETRY, SOURCE
 from pipeline.stage import StageBase
@@ -563,6 +564,26 @@ def test_a_fusible_stage_on_a_thread_pool_stays_its_own_stage(tmp_path: Path) ->
     config = load_config(path, env={"EMBEDDING_API_KEY": "k"})
     assert [s.uses for s in config.stages][:2] == ["pdf.extract", "text.chunk"]
     assert config.stages[0].fused == ()
+
+
+def test_the_store_fuses_into_an_embedder_in_its_own_process_on_the_local_executor_only(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "examples/pdfs").mkdir(parents=True)
+    own = REAL.replace("pool: {kind: async, size: 64}", "pool: {kind: async, own_process: true}")
+    config = load_config(write(tmp_path, own), env={"EMBEDDING_API_KEY": "k"})
+    extract, embed = config.stages
+    assert [f.uses for f in extract.fused] == ["text.chunk"]
+    assert [f.uses for f in embed.fused] == ["qdrant.upsert"]  # stores from embed's process
+    names = ["extract", "chunk", "embed", "store"]
+    assert [s.name for s in declared(config.stages)] == names  # as the YAML lists them
+    # On Ray the store stays on the driver; chunking still runs in extraction's workers.
+    on_ray = fuse(config.stages, executor="ray")
+    assert [s.name for s in on_ray] == ["extract", "embed", "store"]
+    assert [f.name for f in on_ray[0].fused] == ["chunk"] and on_ray[1].fused == ()
+    # An embedder in the engine's process keeps the store a stage of its own.
+    in_engine = load_config(write(tmp_path, REAL), env={"EMBEDDING_API_KEY": "k"})
+    assert [s.name for s in in_engine.stages] == ["extract", "embed", "store"]
 
 
 def test_a_bare_off_in_yaml_means_off_for_a_choice_that_has_it(tmp_path: Path) -> None:
