@@ -47,6 +47,7 @@ async def run_batch(
     except TransientError as exc:
         tries = retry.attempts
         gave_up = TransientError(f"{exc} (gave up after {tries} attempts)", reason=exc.reason)
+        gave_up.stage = exc.stage  # a fused stage's, if it was its
         return [], [(item, gave_up) for item in items]
     except FatalError:
         raise

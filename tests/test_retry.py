@@ -1,11 +1,14 @@
-"""Retry policy: what is retried, how long it waits, and the pool-wide cool-down."""
+"""Retry policy: what is retried, how long it waits, and the pool-wide cool-down;
+what a batch that keeps failing leaves its items."""
 
 from __future__ import annotations
 
 import pytest
 
+from pipeline.batch import run_batch
 from pipeline.errors import PermanentError, TransientError
 from pipeline.retry import RetryPolicy, backoff
+from pipeline.stage import Item
 
 
 class Clock:
@@ -82,3 +85,19 @@ async def test_a_429_cools_the_whole_pool_down() -> None:
     clock.sleeps.clear()
     await policy.call(other)  # type: ignore[arg-type]
     assert clock.sleeps == [pytest.approx(4.0)]
+
+
+async def test_a_fused_stage_that_keeps_failing_fails_its_items_under_its_own_name() -> None:
+    policy = RetryPolicy(attempts=2, base=0.1, cap=1.0, sleep=Clock().sleep)
+
+    async def store_busy(items: list[Item]) -> list[Item]:
+        error = TransientError("503 from the store", reason="http_503")
+        error.stage = "store"  # raised by the store, fused after the stage that ran
+        raise error
+
+    outputs, failures = await run_batch(
+        store_busy, [Item("a"), Item("b")], retry=policy, stage="embed"
+    )
+    assert outputs == [] and len(failures) == 2
+    assert {(error.stage, error.reason) for _, error in failures} == {("store", "http_503")}
+    assert "gave up after 2 attempts" in str(failures[0][1])
