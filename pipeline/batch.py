@@ -47,7 +47,7 @@ async def run_batch(
     except TransientError as exc:
         tries = retry.attempts
         gave_up = TransientError(f"{exc} (gave up after {tries} attempts)", reason=exc.reason)
-        gave_up.stage = exc.stage  # a fused stage's, if it was its
+        gave_up.stage = exc.stage  # a stage fused into this one, if it raised it
         return [], [(item, gave_up) for item in items]
     except FatalError:
         raise

@@ -116,6 +116,12 @@ def test_both_executors_give_the_same_collection_and_a_rerun_embeds_nothing(
     local = project(tmp_path / "local", embed_server.url)
     assert pipeline("run", "-c", str(local), "--no-progress").returncode == 0
     on_ray = project(tmp_path / "ray", embed_server.url)
+    # As the default pipeline.yaml has it. Locally the store would run in the
+    # embedder's process (pipeline.fusion); `--executor ray` keeps it on the driver.
+    text = on_ray.read_text()
+    on_ray.write_text(
+        text.replace("{kind: async, size: 8}", "{kind: async, size: 8, own_process: true}")
+    )
     report = tmp_path / "report.json"
     run = pipeline(
         "run", "-c", str(on_ray), "--no-progress", "--executor", "ray", "--report", str(report)
