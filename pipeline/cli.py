@@ -20,7 +20,7 @@ from typing import Any, cast
 
 from pipeline.config import PipelineConfig, load_config, ray_installed
 from pipeline.errors import ConfigError, FatalError, InUseError
-from pipeline.fusion import fuse
+from pipeline.fusion import declared, fuse
 from pipeline.outcome import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 from pipeline.stage import AsyncStage, QueryEmbedder, Searcher, Stage
 from pipeline.vector_space import check_space
@@ -278,7 +278,7 @@ async def _search(config: PipelineConfig, query: str, k: int, wait_s: float) -> 
     once sure the store's collection was built by that embedder's model."""
     embedder: Stage | AsyncStage | None = None
     searcher: Stage | None = None
-    for cfg in config.stages:
+    for cfg in declared(config.stages):  # a store fused into the embedder included
         stage = cfg.cls(cfg.params, name=cfg.name, concurrency=1)
         if embedder is None and isinstance(stage, Stage | AsyncStage):
             embedder = stage if isinstance(stage, QueryEmbedder) else None
@@ -377,7 +377,7 @@ def _cmd_failed(args: argparse.Namespace) -> int:
 def _cmd_optimize(args: argparse.Namespace) -> int:
     """Kept off the hot path: Edge's optimize holds the GIL for minutes on large shards."""
     config = load_config(args.config)
-    for cfg in config.stages:
+    for cfg in declared(config.stages):  # a store fused into the embedder included
         stage = cfg.cls(cfg.params, name=cfg.name, concurrency=1)
         optimize = getattr(stage, "optimize", None)
         if isinstance(stage, Stage) and callable(optimize):

@@ -281,6 +281,20 @@ def test_a_run_with_its_own_embedding_process_stores_what_an_in_process_run_does
     assert runs[True] == runs[False] and runs[True]
 
 
+def test_search_and_optimize_find_a_store_that_runs_in_the_embedders_process(
+    tmp_path: Path,
+) -> None:
+    with EmbeddingServer() as server:
+        config = project(tmp_path, server.url, own_process=True)
+        assert run("run", "-c", str(config), "--no-progress").returncode == 0
+        found = run("search", "-c", str(config), "--json", "-k", "3", "the siege")
+        optimized = run("optimize", "-c", str(config))
+    assert found.returncode == 0, found.stderr
+    assert len(json.loads(found.stdout)) == 3
+    assert optimized.returncode == 0, optimized.stderr
+    assert "optimized the store of stage store" in optimized.stderr
+
+
 def test_a_store_in_the_embedders_process_still_refuses_another_model_before_any_work(
     tmp_path: Path,
 ) -> None:
