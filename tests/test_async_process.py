@@ -281,7 +281,7 @@ def test_a_run_with_its_own_embedding_process_stores_what_an_in_process_run_does
     assert runs[True] == runs[False] and runs[True]
 
 
-def test_search_and_optimize_find_a_store_that_runs_in_the_embedders_process(
+def test_a_store_in_the_embedders_process_is_searched_optimized_and_checked(
     tmp_path: Path,
 ) -> None:
     with EmbeddingServer() as server:
@@ -289,23 +289,16 @@ def test_search_and_optimize_find_a_store_that_runs_in_the_embedders_process(
         assert run("run", "-c", str(config), "--no-progress").returncode == 0
         found = run("search", "-c", str(config), "--json", "-k", "3", "the siege")
         optimized = run("optimize", "-c", str(config))
-    assert found.returncode == 0, found.stderr
-    assert len(json.loads(found.stdout)) == 3
-    assert optimized.returncode == 0, optimized.stderr
-    assert "optimized the store of stage store" in optimized.stderr
-
-
-def test_a_store_in_the_embedders_process_still_refuses_another_model_before_any_work(
-    tmp_path: Path,
-) -> None:
-    with EmbeddingServer() as server:
-        config = project(tmp_path, server.url, own_process=True)
-        assert run("run", "-c", str(config), "--no-progress").returncode == 0
         requests = server.requests
         config.write_text(config.read_text().replace("hash-384", "all-MiniLM-L6-v2"))
         refused = run("run", "-c", str(config), "--no-progress")
         assert server.requests == requests  # refused before any call
-    assert refused.returncode == 2, refused.stderr  # a config error, not a failed write
+    assert found.returncode == 0, found.stderr
+    assert len(json.loads(found.stdout)) == 3
+    assert optimized.returncode == 0, optimized.stderr
+    assert "optimized the store of stage store" in optimized.stderr
+    # Another model is a config error before any work, not a failed write (exit 3).
+    assert refused.returncode == 2, refused.stderr
     said = " ".join(refused.stderr.split())
     assert "stages[2].with.model" in said and "'hash-384'" in said
 
