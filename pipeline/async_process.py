@@ -47,7 +47,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, NamedTuple
 
 from pipeline import registry
-from pipeline.errors import FatalError, PermanentError, exit_reason
+from pipeline.errors import FatalError, InUseError, PermanentError, StageError, exit_reason
 from pipeline.pools import StageSpec, fused_failure, within
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage
 from pipeline.vector_space import ModelRecord, Recorded
@@ -57,6 +57,8 @@ __all__ = ["AsyncProcessPool"]
 logger = logging.getLogger(__name__)
 
 _CLOSE_S = 30.0  # how long closing waits for the child to finish its calls
+_REOPEN_S = 10.0  # how long a new child waits for a store the last one held
+_REOPEN_STEP_S = 0.2
 
 
 class AsyncProcessPool:
@@ -79,7 +81,7 @@ class AsyncProcessPool:
         self._spec = spec
         self._fused = list(fused)
         self._sink = sink
-        self._recorded: dict[str, str | None] = {}  # a fused store's model, as opened
+        self._recorded: dict[str, Recorded] = {}  # a fused store's model, as opened
         self._timeout_s = timeout_s
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -87,6 +89,7 @@ class AsyncProcessPool:
         self._child: BaseProcess | None = None
         self._conn: Connection | None = None
         self._starting = asyncio.Lock()
+        self._child_started = False  # a child ran before: a new one replaces it
 
     def take_pages(self) -> int:
         return 0
@@ -99,8 +102,7 @@ class AsyncProcessPool:
         return self._notes
 
     def copies(self) -> dict[str, object]:
-        fused = {name: Recorded(model) for name, model in self._recorded.items()}
-        return {self.stage.name: self.stage, **fused}
+        return {self.stage.name: self.stage, **self._recorded}
 
     async def open(self) -> None:
         """Start the child and open the stage in it; the stage's own error if it cannot
@@ -153,34 +155,52 @@ class AsyncProcessPool:
 
     async def _started(self) -> Connection:
         """The child's end of the pipe, starting the child (and opening the stage) first
-        if there is none: at open, or after the last one died."""
+        if there is none: at open, or after the last one died.
+
+        After a death, what the last child held may take a moment to be let go: a
+        fused store's lock stays with its own child (the Edge process) until that
+        one reads end-of-file, which waits for a write in progress. So a new child
+        that finds the store in use tries again for up to `_REOPEN_S`; at open, in
+        use means another run, and it says so at once."""
         async with self._starting:
             if self._conn is not None:
                 return self._conn
-            context = multiprocessing.get_context("forkserver")  # never fork a threaded parent
-            mine, theirs = context.Pipe()
-            child = context.Process(
-                target=_serve,
-                args=(theirs, self._spec, self.size, self._fused),
-                kwargs={"sink": self._sink},
-                name=f"{self._spec.name} (async)",
-                daemon=True,
-            )
-            child.start()
-            theirs.close()
             loop = asyncio.get_running_loop()
-            opened: asyncio.Future[Any] = loop.create_future()
-            self._pending[-1] = opened
-            loop.add_reader(mine.fileno(), self._read, mine, child)
-            self._child, self._conn = child, mine
-            try:
-                self._recorded = await opened
-            except BaseException:
-                self._stop_reading(mine)
-                self._child = self._conn = None
-                await loop.run_in_executor(None, _end, child, mine)
-                raise
-            return mine
+            deadline = loop.time() + _REOPEN_S if self._child_started else None
+            while True:
+                try:
+                    return await self._start()
+                except InUseError:
+                    if deadline is None or loop.time() >= deadline:
+                        raise
+                    await asyncio.sleep(_REOPEN_STEP_S)
+
+    async def _start(self) -> Connection:
+        self._child_started = True
+        context = multiprocessing.get_context("forkserver")  # never fork a threaded parent
+        mine, theirs = context.Pipe()
+        child = context.Process(
+            target=_serve,
+            args=(theirs, self._spec, self.size, self._fused),
+            kwargs={"sink": self._sink},
+            name=f"{self._spec.name} (async)",
+            daemon=True,
+        )
+        child.start()
+        theirs.close()
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[Any] = loop.create_future()
+        self._pending[-1] = opened
+        loop.add_reader(mine.fileno(), self._read, mine, child)
+        self._child, self._conn = child, mine
+        try:
+            self._recorded = await opened
+        except BaseException:
+            self._stop_reading(mine)
+            self._child = self._conn = None
+            await loop.run_in_executor(None, _end, child, mine)
+            raise
+        return mine
 
     def _read(self, conn: Connection, child: BaseProcess) -> None:
         """A reply is waiting (read on the loop: a thread would cost the engine's
@@ -326,7 +346,7 @@ class _Child:
         self.tasks[call] = task
         task.add_done_callback(lambda t: self._finished(call, t))
 
-    async def _open_fused(self) -> dict[str, str | None]:
+    async def _open_fused(self) -> dict[str, Recorded]:
         """Open the fused stages; which model built each store's collection."""
         recorded = {}
         for spec in self.specs:
@@ -337,7 +357,10 @@ class _Child:
             self.fused.append(fused)
             await fused.call(stage.open)
             if isinstance(stage, ModelRecord):
-                recorded[spec.name] = await fused.call(stage.recorded_model)
+                try:
+                    recorded[spec.name] = Recorded(await fused.call(stage.recorded_model))
+                except StageError as exc:  # the engine says so where it checks the model
+                    recorded[spec.name] = Recorded(None, error=exc)
         return recorded
 
     async def _run(self, items: list[Item]) -> list[Item]:
@@ -353,8 +376,11 @@ class _Child:
     async def _discard(self, docs: list[str]) -> None:
         assert self.stage is not None
         await self.stage.discard(docs)
-        for fused in self.fused:
-            await fused.call(fused.stage.discard, docs)
+        for fused in self.fused:  # on its threads: after any write still running there
+            try:
+                await fused.call(fused.stage.discard, docs)
+            except Exception as exc:  # noqa: BLE001 - see fused_failure
+                raise fused_failure(fused.stage.name, exc)  # noqa: B904 - may be `exc`
 
     async def _close(self) -> None:
         me = asyncio.current_task()

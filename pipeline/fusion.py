@@ -23,9 +23,11 @@ above.
 The YAML still lists it as its own stage (reordering or removing it stays an edit);
 `pipeline validate` shows the fusion; `pool: {kind: thread}` on a stage after a
 process pool, or `own_process: false` on an async host, undoes it. Its failures are
-still its own: a document failing in the fused stage is recorded at that stage's
-name. Its own `queue`, `timeout_s`, `retry` and batch size give way to the host's,
-which bound the whole call.
+still its own: what the fused stage raises fails the document at that stage's name
+(a timeout of the whole call, or the death of the process, at the host's). Its own
+`queue`, `timeout_s`, `retry` and batch size give way to the host's, which bound the
+whole call. On threads, as on a thread pool, a call that timed out runs on to its
+end; a fused stage's later calls (a discard) wait for it when it has one thread.
 """
 
 from __future__ import annotations

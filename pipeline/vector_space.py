@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageError
 from pipeline.fusion import declared
 
 if TYPE_CHECKING:
@@ -47,11 +47,15 @@ class ModelRecord(Protocol):
 @dataclass(frozen=True, slots=True)
 class Recorded:
     """What a store opened in another process said about its collection (a store
-    fused into the embedder's process, pipeline.fusion): a ModelRecord to check."""
+    fused into the embedder's process, pipeline.fusion): a ModelRecord to check,
+    which raises what the store raised if it could not say."""
 
     model: str | None
+    error: StageError | None = None
 
     def recorded_model(self) -> str | None:
+        if self.error is not None:
+            raise self.error
         return self.model
 
 

@@ -155,9 +155,13 @@ def _serve(conn: Connection, folder: Path, distance: str, flush_s: float) -> Non
         except (EOFError, OSError):
             os._exit(0)  # the engine is gone: exit now, without a flush, as a kill would
         try:
-            conn.send(("ok", getattr(engine, method)(*args)))
+            answer = ("ok", getattr(engine, method)(*args))
         except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
-            conn.send(("error", exc))
+            answer = ("error", exc)
+        try:
+            conn.send(answer)
+        except OSError:
+            os._exit(0)  # the parent died while this call ran
         if method == "close":
             return
 

@@ -6,6 +6,7 @@ child; the child ends with the pool, or when the engine's process is gone."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from pipeline.errors import FatalError, PermanentError, TransientError
+from pipeline.errors import FatalError, InUseError, PermanentError, TransientError
 from pipeline.pools import Pool, StageSpec, open_pool
 from pipeline.stage import AsyncStage, Item, Stage
 from pipeline.vector_space import ModelRecord
@@ -62,11 +63,21 @@ class Marked(AsyncStage):
 
 class Kept(Stage):
     """A blocking stage fused after Marked (a store, say): it runs in Marked's child,
-    on threads of its own; misbehaves on the marks in an item's doc."""
+    on threads of its own; misbehaves on the marks in an item's doc. With `lock`, it
+    holds that file's lock while open, as the Edge store holds its WAL's, and notes
+    in `log` each time it finds the lock taken."""
 
     def open(self) -> None:
         if self.params.get("refuse"):
             raise FatalError("the store cannot open")
+        if "lock" in self.params:
+            self._fd = os.open(self.params["lock"], os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                with open(self.params["log"], "a") as log:
+                    log.write("in use\n")
+                raise InUseError("store in use by another run") from None
 
     def process(self, items: list[Item]) -> list[Item]:
         docs = {item.doc for item in items}
@@ -84,6 +95,8 @@ class Kept(Stage):
             log.writelines(f"{doc}\n" for doc in docs)
 
     def recorded_model(self) -> str | None:
+        if self.params.get("unsure"):
+            raise TransientError("the store timed out", reason="timeout")
         return "model-x"
 
 
@@ -107,6 +120,14 @@ def pool(
         own_process=True,
         sink=sink,
     )
+
+
+def lines_in(log: Path, line: str, count: int, *, timeout: float = 30.0) -> None:
+    """Block until `log` holds `count` copies of `line` (a child writes them)."""
+    deadline = time.monotonic() + timeout
+    while log.read_text().count(line) < count:
+        assert time.monotonic() < deadline, f"{log} never held {count} x {line!r}"
+        time.sleep(0.02)
 
 
 def kept(log: Path, **params: Any) -> StageSpec:
@@ -220,6 +241,41 @@ async def test_a_fused_stage_that_cannot_open_fails_open(tmp_path: Path) -> None
     with pytest.raises(FatalError, match="cannot open"):
         await p.open()
     await p.close()
+
+
+async def test_a_store_that_cannot_say_its_model_says_so_where_the_engine_checks(
+    tmp_path: Path,
+) -> None:
+    p = pool(fused=[kept(tmp_path / "log", unsure=True)])
+    await p.open()  # the engine turns this into "cannot read which model built..."
+    await p.close()
+    with pytest.raises(TransientError, match="timed out"):
+        p.copies()["kept"].recorded_model()  # type: ignore[attr-defined]
+
+
+async def test_a_new_child_waits_for_the_store_the_last_one_held(tmp_path: Path) -> None:
+    lock, log = tmp_path / "lock", tmp_path / "log"
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another run holds the store
+    p = pool(fused=[kept(log, lock=str(lock))])
+    with pytest.raises(InUseError):
+        await p.open()  # at open: said at once
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    await p.open()
+    try:
+        with pytest.raises(PermanentError, match="died"):
+            await p.run([Item("die", {})])
+        # What the dead child held is not let go yet (the Edge process of a store
+        # finishing a write): the next call's new child must wait for it.
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        call = asyncio.create_task(p.run([Item("a", {})]))
+        await asyncio.to_thread(lines_in, log, "in use", 2)  # the new child found it taken
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        [out] = await call
+    finally:
+        await p.close()
+        os.close(holder)
+    assert out.data["kept_by"][0] == out.data["pid"]
 
 
 async def test_the_last_stage_sends_back_which_items_got_through_not_their_fields(
