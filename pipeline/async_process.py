@@ -279,6 +279,13 @@ class _Fused(NamedTuple):
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
 
+    async def work(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A call on its items (process, discard): what it raises is its own."""
+        try:
+            return await self.call(fn, *args)
+        except Exception as exc:  # noqa: BLE001 - see fused_failure
+            raise fused_failure(self.stage.name, exc)  # noqa: B904 - may be `exc`
+
 
 class _Child:
     def __init__(
@@ -367,20 +374,14 @@ class _Child:
         assert self.stage is not None
         out = await self.stage.process(items)
         for fused in self.fused:
-            try:
-                out = await fused.call(fused.stage.process, out)
-            except Exception as exc:  # noqa: BLE001 - see fused_failure
-                raise fused_failure(fused.stage.name, exc)  # noqa: B904 - may be `exc`
+            out = await fused.work(fused.stage.process, out)
         return [Item(item.doc) for item in out] if self.sink else out
 
     async def _discard(self, docs: list[str]) -> None:
         assert self.stage is not None
         await self.stage.discard(docs)
         for fused in self.fused:  # on its threads: after any write still running there
-            try:
-                await fused.call(fused.stage.discard, docs)
-            except Exception as exc:  # noqa: BLE001 - see fused_failure
-                raise fused_failure(fused.stage.name, exc)  # noqa: B904 - may be `exc`
+            await fused.work(fused.stage.discard, docs)
 
     async def _close(self) -> None:
         me = asyncio.current_task()
