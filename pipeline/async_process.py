@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 
 from pipeline import registry
 from pipeline.errors import FatalError, InUseError, PermanentError, StageError, exit_reason
-from pipeline.pools import StageSpec, fused_failure, within
+from pipeline.pools import PoolBase, StageSpec, fused_failure, within
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage
 from pipeline.vector_space import ModelRecord, Recorded
 
@@ -61,7 +61,7 @@ _REOPEN_S = 10.0  # how long a new child waits for a store the last one held
 _REOPEN_STEP_S = 0.2
 
 
-class AsyncProcessPool:
+class AsyncProcessPool(PoolBase):
     kind: PoolKind = "async"
 
     def __init__(
@@ -90,12 +90,6 @@ class AsyncProcessPool:
         self._conn: Connection | None = None
         self._starting = asyncio.Lock()
         self._child_started = False  # a child ran before: a new one replaces it
-
-    def take_pages(self) -> int:
-        return 0
-
-    def nodes(self) -> dict[str, int]:
-        return {}
 
     def notes(self) -> list[str]:
         """The child's notes as of its latest reply."""

@@ -26,6 +26,7 @@ from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
 __all__ = [
     "Pool",
+    "PoolBase",
     "StageSpec",
     "ThreadPool",
     "build_chain",
@@ -141,16 +142,11 @@ async def within(seconds: float | None, call: Awaitable[list[Item]]) -> list[Ite
         raise timed_out(seconds) from None
 
 
-class _InProcess:
-    """A pool whose stage copy works in this process: no pages, nodes or notes but
-    its own."""
+class PoolBase:
+    """What most pools answer alike (see `Pool`): no pages of fused stages, one
+    machine, the engine's copy's notes, that copy for checks across stages."""
 
     stage: StageBase
-
-    def __init__(self, stage: StageBase, *, size: int, timeout_s: float | None) -> None:
-        self.size = size
-        self.batch_size = stage.batch_size
-        self._timeout_s = timeout_s
 
     def take_pages(self) -> int:
         return 0
@@ -163,6 +159,15 @@ class _InProcess:
 
     def copies(self) -> dict[str, object]:
         return {self.stage.name: self.stage}
+
+
+class _InProcess(PoolBase):
+    """A pool whose stage copy works in this process."""
+
+    def __init__(self, stage: StageBase, *, size: int, timeout_s: float | None) -> None:
+        self.size = size
+        self.batch_size = stage.batch_size
+        self._timeout_s = timeout_s
 
 
 class AsyncPool(_InProcess):

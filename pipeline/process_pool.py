@@ -42,7 +42,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pipeline.errors import PermanentError, exit_reason
-from pipeline.pools import StageSpec, build_chain, run_chain, timed_out
+from pipeline.pools import PoolBase, StageSpec, build_chain, run_chain, timed_out
 from pipeline.stage import Item, PoolKind, Stage, StageBase
 
 __all__ = ["ProcessPool"]
@@ -75,7 +75,7 @@ class _Worker:
         self.timer: asyncio.TimerHandle | None = None
 
 
-class ProcessPool:
+class ProcessPool(PoolBase):
     kind: PoolKind = "process"
 
     def __init__(
@@ -105,15 +105,6 @@ class ProcessPool:
     def take_pages(self) -> int:
         pages, self.pages = self.pages, 0
         return pages
-
-    def nodes(self) -> dict[str, int]:
-        return {}
-
-    def notes(self) -> list[str]:
-        return self.stage.notes()
-
-    def copies(self) -> dict[str, object]:
-        return {self.stage.name: self.stage}
 
     async def run(self, items: list[Item]) -> list[Item]:
         task = _Task(pickle.dumps(items, _PROTOCOL), asyncio.get_running_loop().create_future())

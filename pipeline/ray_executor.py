@@ -42,7 +42,7 @@ import ray
 from ray.exceptions import OutOfMemoryError, RayError
 
 from pipeline.errors import FatalError, PermanentError, PipelineError, StageError
-from pipeline.pools import StageSpec, ThreadPool, build_chain, run_chain
+from pipeline.pools import PoolBase, StageSpec, ThreadPool, build_chain, run_chain
 from pipeline.ray_reaper import start_reaper
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
@@ -130,7 +130,7 @@ class _Async:
         await self._stage.close()
 
 
-class RayPool:
+class RayPool(PoolBase):
     """A stage's Ray calls, seen by the runner as any other pool: `call(items)` makes
     one (a task, or a call of the stage's actor)."""
 
@@ -168,9 +168,6 @@ class RayPool:
     def notes(self) -> list[str]:
         """The actor's latest notes; a task stage's come from the counts sent back."""
         return self._notes or self.stage.notes()
-
-    def copies(self) -> dict[str, object]:
-        return {self.stage.name: self.stage}
 
     async def open(self) -> None:
         """Wait for every actor to start and open its stages: a stage that cannot open
