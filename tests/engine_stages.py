@@ -118,6 +118,27 @@ class Sink(Stage):
             store.pop(doc, None)
 
 
+class FileSink(Stage):
+    """A store in a file: fusible, so after an async stage in its own process it runs
+    there, where SINKS cannot be seen. Appends "stored DOC TEXT" per item and
+    "discarded DOC" per discard to `log`; a line "REJECT" is refused."""
+
+    POOLS = ("thread",)
+    FUSIBLE = True
+    PARAMS: ClassVar[dict[str, Param]] = {"log": Param("path")}
+
+    def process(self, items: list[Item]) -> list[Item]:
+        if any(item.data["text"] == "REJECT" for item in items):
+            raise PermanentError("the store refused it", reason="refused")
+        with open(self.params["log"], "a") as log:
+            log.writelines(f"stored {item.doc} {item.data['text']}\n" for item in items)
+        return items
+
+    def discard(self, docs: Sequence[str]) -> None:
+        with open(self.params["log"], "a") as log:
+            log.writelines(f"discarded {doc}\n" for doc in docs)
+
+
 def write_corpus(folder: Path, docs: dict[str, str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in docs.items():

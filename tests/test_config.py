@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -584,6 +586,22 @@ def test_the_store_fuses_into_an_embedder_in_its_own_process_on_the_local_execut
     # An embedder in the engine's process keeps the store a stage of its own.
     in_engine = load_config(write(tmp_path, REAL), env={"EMBEDDING_API_KEY": "k"})
     assert [s.name for s in in_engine.stages] == ["extract", "embed", "store"]
+
+
+def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
+    (tmp_path / "examples/pdfs").mkdir(parents=True)
+    own = REAL.replace("pool: {kind: async, size: 64}", "pool: {kind: async, own_process: true}")
+    shown = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", "-c", str(write(tmp_path, own))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EMBEDDING_API_KEY": "k", "COLUMNS": "200"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if "│" in line}
+    assert "in extract's workers" in rows["chunk"]
+    assert "in embed's process" in rows["store"]
 
 
 def test_a_bare_off_in_yaml_means_off_for_a_choice_that_has_it(tmp_path: Path) -> None:

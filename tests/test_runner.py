@@ -380,6 +380,29 @@ async def test_a_touched_but_unchanged_file_is_not_hashed_again(tmp_path: Path) 
     assert record is not None and record.mtime_ns == 1_000_000_000
 
 
+async def test_a_document_the_store_refuses_in_the_embedders_process_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    write_corpus(tmp_path / "docs", {"a.txt": "one\ntwo", "b.txt": "REJECT"})
+    config = write_config(
+        tmp_path,
+        f"""
+  - {{name: lines, uses: "tests.engine_stages:Lines", pool: {{kind: process, size: 1}}}}
+  - name: embed
+    uses: "tests.engine_stages:Flaky"
+    pool: {{kind: async, size: 2, own_process: true}}
+  - {{name: store, uses: "tests.engine_stages:FileSink", with: {{log: {tmp_path / "log"}}}}}
+""",
+    )
+    assert [f.name for f in load_config(config).stages[-1].fused] == ["store"]
+    _, outcome = await run_once(config)
+    assert dict(outcome.failure_reasons) == {"store: refused": 1}  # the store's, not embed's
+    assert statuses(config) == {"a.txt": "indexed", "b.txt": "failed"}
+    # Nothing of b counted as stored, but a store that failed may have written part
+    # of a call: as for any last stage, it is told to drop all of b.
+    assert "discarded b.txt" in (tmp_path / "log").read_text().splitlines()
+
+
 async def test_a_fused_stage_runs_in_the_workers_of_the_one_before_and_fails_under_its_own_name(
     tmp_path: Path,
 ) -> None:
