@@ -679,11 +679,12 @@ def _print_pipeline(r: dict[str, Any]) -> None:
         f"{r['embed_requests_least']} ({r['embed_requests'] / r['embed_requests_least']:.2f}x)"
     )
     for s in r["stages"]:
-        full = s.get("queue_full_share")
+        full, host = s.get("queue_full_share"), s.get("fused_into")
+        where = f"  in {host}'s calls" if host else f"  inbox full {full:.0%} of the run"
         print(
             f"  {s['name']:8} {s['pool']:7} x{s['workers']:<3} done {s['items_done']:>7} "
             f"busy {s['busy_seconds']:8.1f} s  utilisation {s['utilisation']:.2f}"
-            + (f"  inbox full {full:.0%} of the run" if full is not None else "")
+            + (where if host or full is not None else "")
         )
     for hint in r.get("hints", []):
         print(f"  hint: {hint}")

@@ -17,8 +17,9 @@ in-process async pool: many calls at once, one copy, one client.
     the engine dies   the child reads end-of-file and exits
     a call times out  the engine cancels it in the child, as it would in-process
 
-The child sends the stage's counters and notes back with every reply, so metrics,
-the report and the end-of-run notes read as they do in-process.
+The child sends the stage's counters and notes back with every reply, and what the
+fused stages did (their items and time), so metrics, the report and the end-of-run
+notes read as they do in-process.
 
 Stages fused into this one (pipeline.fusion: the store after the embedder) run in
 the child too, each call's outputs in turn, each on threads of its own (they are
@@ -48,7 +49,7 @@ from typing import Any, NamedTuple
 
 from pipeline import registry
 from pipeline.errors import FatalError, InUseError, PermanentError, StageError, exit_reason
-from pipeline.pools import PoolBase, StageSpec, fused_failure, within
+from pipeline.pools import FusedWork, PoolBase, StageSpec, fused_failure, run_fused, within
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage
 from pipeline.vector_space import ModelRecord, Recorded
 
@@ -86,6 +87,7 @@ class AsyncProcessPool(PoolBase):
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._notes: list[str] = []
+        self._fused_work: list[FusedWork] = []
         self._child: BaseProcess | None = None
         self._conn: Connection | None = None
         self._starting = asyncio.Lock()
@@ -97,6 +99,10 @@ class AsyncProcessPool(PoolBase):
 
     def copies(self) -> dict[str, object]:
         return {self.stage.name: self.stage, **self._recorded}
+
+    def take_fused(self) -> list[FusedWork]:
+        work, self._fused_work = self._fused_work, []
+        return work
 
     async def open(self) -> None:
         """Start the child and open the stage in it; the stage's own error if it cannot
@@ -212,10 +218,11 @@ class AsyncProcessPool(PoolBase):
         with contextlib.suppress(ValueError, OSError):  # a closed pipe has no fileno
             asyncio.get_running_loop().remove_reader(conn.fileno())
 
-    def _deliver(self, reply: tuple[int, str, Any, Counter[tuple[str, str]], list[str]]) -> None:
-        call, status, value, counts, notes = reply
+    def _deliver(self, reply: _Reply) -> None:
+        call, status, value, counts, notes, work = reply
         self.stage.counts.update(counts)
         self._notes = notes
+        self._fused_work += work
         future = self._pending.pop(call, None)
         if future is None or future.done():
             return  # cancelled meanwhile
@@ -235,6 +242,11 @@ class AsyncProcessPool(PoolBase):
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+
+
+# A reply from the child: (call, "ok" or "error", the value or the exception, the
+# stage's counts since the last reply, its notes, what the fused stages did since).
+_Reply = tuple[int, str, Any, Counter[tuple[str, str]], list[str], list[FusedWork]]
 
 
 def _died(child: BaseProcess | None) -> PermanentError:
@@ -273,10 +285,14 @@ class _Fused(NamedTuple):
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
 
-    async def work(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """A call on its items (process, discard): what it raises is its own."""
+    async def process(self, items: list[Item]) -> tuple[list[Item], FusedWork]:
+        result: tuple[list[Item], FusedWork] = await self.call(run_fused, self.stage, items)
+        return result
+
+    async def discard(self, docs: list[str]) -> None:
+        """Its discard, on its threads: after any write still running there."""
         try:
-            return await self.call(fn, *args)
+            await self.call(self.stage.discard, docs)
         except Exception as exc:  # noqa: BLE001 - see fused_failure
             raise fused_failure(self.stage.name, exc)  # noqa: B904 - may be `exc`
 
@@ -301,6 +317,7 @@ class _Child:
         self.tasks: dict[int, asyncio.Task[Any]] = {}
         self.closing: set[int] = set()
         self.sent: Counter[tuple[str, str]] = Counter()  # counts already sent
+        self.work: list[FusedWork] = []  # what the fused stages did, not sent yet
         self.done = asyncio.Event()
 
     async def serve(self) -> None:
@@ -368,14 +385,15 @@ class _Child:
         assert self.stage is not None
         out = await self.stage.process(items)
         for fused in self.fused:
-            out = await fused.work(fused.stage.process, out)
+            out, done = await fused.process(out)
+            self.work.append(done)
         return [Item(item.doc) for item in out] if self.sink else out
 
     async def _discard(self, docs: list[str]) -> None:
         assert self.stage is not None
         await self.stage.discard(docs)
-        for fused in self.fused:  # on its threads: after any write still running there
-            await fused.work(fused.stage.discard, docs)
+        for fused in self.fused:
+            await fused.discard(docs)
 
     async def _close(self) -> None:
         me = asyncio.current_task()
@@ -403,15 +421,17 @@ class _Child:
 
     def _reply(self, call: int, status: str, value: Any) -> None:
         """Send a call's outcome, with what the stage counted since the last reply
-        (its own counts keep growing: its notes may read them) and its notes now."""
+        (its own counts keep growing: its notes may read them), its notes now, and
+        what the fused stages did since the last reply."""
         counts: Counter[tuple[str, str]] = Counter()
         notes: list[str] = []
         if self.stage is not None:
             counts = self.stage.counts - self.sent
             self.sent = self.stage.counts.copy()
             notes = self.stage.notes()
+        work, self.work = self.work, []
         try:
-            self.conn.send((call, status, value, counts, notes))
+            self.conn.send((call, status, value, counts, notes, work))
         except (pickle.PicklingError, TypeError, AttributeError):  # an error that cannot travel
             text = f"{type(value).__name__}: {value}"
-            self.conn.send((call, "error", RuntimeError(text), counts, notes))
+            self.conn.send((call, "error", RuntimeError(text), counts, notes, work))

@@ -24,7 +24,9 @@ The YAML still lists it as its own stage (reordering or removing it stays an edi
 `pipeline validate` shows the fusion; `pool: {kind: thread}` on a stage after a
 process pool, or `own_process: false` on an async host, undoes it. Its failures are
 still its own: what the fused stage raises fails the document at that stage's name
-(a timeout of the whole call, or the death of the process, at the host's). Its own
+(a timeout of the whole call, or the death of the process, at the host's). Its items
+and time are counted under its name too (`pools.FusedWork`, sent back with each of the
+host's calls): the live view, the metrics and the report show it. Its own
 `queue`, `timeout_s`, `retry` and batch size give way to the host's, which bound the
 whole call. On threads, as on a thread pool, a call that timed out runs on to its
 end; a fused stage's later calls (a discard) wait for it when it has one thread.

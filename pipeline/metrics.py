@@ -117,6 +117,17 @@ class Metrics:
             busy_seconds=self.busy_seconds.labels(stage),
         )
 
+    def watch_fused(self, stage: str, *, workers: int) -> StageMeters:
+        """The series of a stage fused into another (pipeline.fusion): its items and
+        time, counted from its host's workers; it has no queue or busy workers of its own."""
+        self.workers.labels(stage).set(workers)
+        return StageMeters(
+            items_ok=self.items.labels(stage, "ok"),
+            items_failed=self.items.labels(stage, "failed"),
+            seconds=self.stage_seconds.labels(stage),
+            busy_seconds=self.busy_seconds.labels(stage),
+        )
+
     def watch_counters(self, stage: StageBase) -> None:
         """Export the counters a stage keeps itself (its COUNTERS), read at scrape time.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from pipeline.errors import FatalError, PermanentError, StageError
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
 __all__ = [
+    "FusedWork",
     "Pool",
     "PoolBase",
     "StageSpec",
@@ -33,6 +35,7 @@ __all__ = [
     "fused_failure",
     "open_pool",
     "run_chain",
+    "run_fused",
     "timed_out",
     "within",
 ]
@@ -49,13 +52,24 @@ class StageSpec(NamedTuple):
     size: int = 1  # its threads, where a fused stage has threads of its own
 
 
+class FusedWork(NamedTuple):
+    """One call of a stage fused into another (pipeline.fusion), as the worker that ran
+    it saw it: the engine counts it under the fused stage's own name, so its items and
+    time stay visible although no channel or pool of its own carries them."""
+
+    stage: str
+    items: int  # what it took in
+    pages: int  # pages its inputs carried (the engine counts pages from that field)
+    seconds: float
+
+
 class Pool(Protocol):
     kind: PoolKind
     size: int
     batch_size: int
 
-    def take_pages(self) -> int:
-        """Pages that fused stages consumed inside the workers since the last call."""
+    def take_fused(self) -> list[FusedWork]:
+        """What the stages fused into this one did inside its workers since the last call."""
 
     def nodes(self) -> dict[str, int]:
         """Items each machine handled (node id -> items); empty on one machine."""
@@ -143,13 +157,13 @@ async def within(seconds: float | None, call: Awaitable[list[Item]]) -> list[Ite
 
 
 class PoolBase:
-    """What most pools answer alike (see `Pool`): no pages of fused stages, one
-    machine, the engine's copy's notes, that copy for checks across stages."""
+    """What most pools answer alike (see `Pool`): no fused stages, one machine, the
+    engine's copy's notes, that copy for checks across stages."""
 
     stage: StageBase
 
-    def take_pages(self) -> int:
-        return 0
+    def take_fused(self) -> list[FusedWork]:
+        return []
 
     def nodes(self) -> dict[str, int]:
         return {}
@@ -235,30 +249,32 @@ def build_chain(chain: Sequence[StageSpec], *, workers: int) -> list[Stage]:
 
 def run_chain(
     chain: Sequence[Stage], items: list[Item]
-) -> tuple[list[Item], int, Counter[tuple[str, str]]]:
-    """Run `chain` on `items`: the outputs of the last stage, the pages that the
-    fused stages consumed (the engine counts pages from the `pages` field), and what
-    the first stage counted since the last call that returned."""
+) -> tuple[list[Item], list[FusedWork], Counter[tuple[str, str]]]:
+    """Run `chain` on `items`: the outputs of the last stage, what each fused stage
+    did, and what the first stage counted since the last call that returned."""
     first, *fused = chain
     try:
-        out, pages = _run_fused(first, fused, items)
+        out = first.process(items)
+        work = []
+        for stage in fused:
+            out, done = run_fused(stage, out)
+            work.append(done)
     except BaseException:
         first.counts.clear()  # the engine retries or splits the call: it counts again
         raise
     counts, first.counts = first.counts, Counter()
-    return out, pages, counts
+    return out, work, counts
 
 
-def _run_fused(first: Stage, fused: Sequence[Stage], items: list[Item]) -> tuple[list[Item], int]:
-    out = first.process(items)
-    pages = 0
-    for stage in fused:
-        pages += sum(len(i.data["pages"]) for i in out if isinstance(i.data.get("pages"), list))
-        try:
-            out = stage.process(out)
-        except Exception as exc:  # noqa: BLE001 - see fused_failure
-            raise fused_failure(stage.name, exc)  # noqa: B904 - may be `exc` itself
-    return out, pages
+def run_fused(stage: Stage, items: list[Item]) -> tuple[list[Item], FusedWork]:
+    """One call of a fused stage on its host's outputs, timed; what it raises is its own."""
+    pages = sum(len(i.data["pages"]) for i in items if isinstance(i.data.get("pages"), list))
+    began = time.perf_counter()
+    try:
+        out = stage.process(items)
+    except Exception as exc:  # noqa: BLE001 - see fused_failure
+        raise fused_failure(stage.name, exc)  # noqa: B904 - may be `exc` itself
+    return out, FusedWork(stage.name, len(items), pages, time.perf_counter() - began)
 
 
 def fused_failure(stage: str, exc: Exception) -> Exception:

@@ -42,7 +42,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pipeline.errors import PermanentError, exit_reason
-from pipeline.pools import PoolBase, StageSpec, build_chain, run_chain, timed_out
+from pipeline.pools import FusedWork, PoolBase, StageSpec, build_chain, run_chain, timed_out
 from pipeline.stage import Item, PoolKind, Stage, StageBase
 
 __all__ = ["ProcessPool"]
@@ -52,7 +52,7 @@ _PIPE_SAFE_BYTES = 32 * 1024  # a task this big may wait in a busy worker's pipe
 _PROTOCOL = pickle.HIGHEST_PROTOCOL  # plain pickle: tasks hold no pipes or sockets
 _CLOSE_S = 2.0  # how long closing waits for idle workers to exit before killing them
 
-# A worker's reply: ("ok", (outputs, pages, counts)) or ("error", the exception).
+# A worker's reply: ("ok", (outputs, fused work, counts)) or ("error", the exception).
 Reply = tuple[str, Any]
 
 
@@ -89,7 +89,7 @@ class ProcessPool(PoolBase):
     ) -> None:
         self.size = size
         self.batch_size = stage.batch_size
-        self.pages = 0
+        self._fused: list[FusedWork] = []
         # Never opened: each worker process holds its own working copy. This one adds
         # up the counts the workers send back, for metrics, the report and notes().
         self.stage: StageBase = stage
@@ -102,9 +102,9 @@ class ProcessPool(PoolBase):
     async def open(self) -> None:
         return None  # workers start on the first tasks and build their stages then
 
-    def take_pages(self) -> int:
-        pages, self.pages = self.pages, 0
-        return pages
+    def take_fused(self) -> list[FusedWork]:
+        work, self._fused = self._fused, []
+        return work
 
     async def run(self, items: list[Item]) -> list[Item]:
         task = _Task(pickle.dumps(items, _PROTOCOL), asyncio.get_running_loop().create_future())
@@ -119,8 +119,8 @@ class ProcessPool(PoolBase):
         if status == "error":
             raise self._error(value)
         outputs: list[Item]
-        outputs, pages, counts = value
-        self.pages += pages
+        outputs, work, counts = value
+        self._fused += work
         self.stage.counts.update(counts)
         return outputs
 

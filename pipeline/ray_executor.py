@@ -42,7 +42,7 @@ import ray
 from ray.exceptions import OutOfMemoryError, RayError
 
 from pipeline.errors import FatalError, PermanentError, PipelineError, StageError
-from pipeline.pools import PoolBase, StageSpec, ThreadPool, build_chain, run_chain
+from pipeline.pools import FusedWork, PoolBase, StageSpec, ThreadPool, build_chain, run_chain
 from pipeline.ray_reaper import start_reaper
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 _CALL_RETRIES = 2  # re-runs of a call whose worker died (its node lost, a segfault)
 _BATCHES_PER_TASK = 4
 _START_S = 5.0  # added to a call's timeout: Ray starting a worker process for it
-# ("ok", (items, pages, counts, notes), node) or ("error", exc, node)
+# ("ok", (items, fused work, counts, notes), node) or ("error", exc, node)
 _Result = tuple[str, Any, str]
 
 
@@ -124,7 +124,7 @@ class _Async:
         except Exception as exc:  # noqa: BLE001 - errors ride back as values
             return ("error", _failed(exc), _node())
         counts, stage.counts = stage.counts, Counter()
-        return ("ok", (out, 0, counts, stage.notes()), _node())
+        return ("ok", (out, [], counts, stage.notes()), _node())
 
     async def close(self) -> None:
         await self._stage.close()
@@ -154,13 +154,13 @@ class RayPool(PoolBase):
         self._call = call
         self._actors = list(actors)
         self._timeout_s = timeout_s
-        self._pages = 0
+        self._fused: list[FusedWork] = []
         self._nodes: Counter[str] = Counter()
         self._notes: list[str] = []
 
-    def take_pages(self) -> int:
-        pages, self._pages = self._pages, 0
-        return pages
+    def take_fused(self) -> list[FusedWork]:
+        work, self._fused = self._fused, []
+        return work
 
     def nodes(self) -> dict[str, int]:
         return dict(self._nodes)
@@ -199,8 +199,8 @@ class RayPool(PoolBase):
         self._nodes[node] += len(items)
         if status == "error":
             raise value
-        out, pages, counts, notes = value
-        self._pages += pages
+        out, work, counts, notes = value
+        self._fused += work
         self.stage.counts.update(counts)
         self._notes = notes or self._notes  # an actor's notes so far, as of this call
         return list(out)

@@ -20,6 +20,7 @@ from pipeline.stage_state import StageView
 __all__ = ["Watchdog", "build_report", "hints", "report_hints"]
 
 FULL_SHARE_LIMITING = 0.5  # input full for half the run or more: this stage held others back
+FUSED_SHARE_LIMITING = 0.5  # a fused stage took half its host's call time: it limits
 CPU_SATURATED = 0.9  # the machine's CPUs this busy over the run: cores, not workers, are short
 QUEUE_FULL_WARN_S = 30.0
 ITEM_SLOW_WARN_S = 60.0
@@ -43,6 +44,7 @@ def stage_numbers(view: StageView, *, seconds: float) -> dict[str, Any]:
     return {
         "name": view.name,
         "fused": list(view.fused),
+        "fused_into": view.host,  # a fused stage: the stage whose calls ran it
         "pool": view.kind,
         "workers": view.workers,
         "queue_capacity": view.capacity,
@@ -110,7 +112,7 @@ def hints(
         for view in reversed(views):
             stats = _server_bound(view)
             if stats is not None and _limit_busy(view, seconds) >= 0.5:
-                return [_server_hint(view, stats, seconds)]
+                return [_fused_limit(view) or _server_hint(view, stats, seconds)]
         first = views[0]
         busy = _share(first.busy_seconds, seconds * first.workers)
         if saturated and cpu_busy is not None:
@@ -119,6 +121,9 @@ def hints(
             f"{first.name}: no queue stayed full; the source and {first.name} set the pace "
             f"(workers busy {busy:.0%}): raise stages.{first.name}.pool.size if CPUs are idle"
         ]
+    fused = _fused_limit(limiting)
+    if fused is not None:
+        return [fused]
     stats = _server_bound(limiting)
     if stats is not None:
         return [_server_hint(limiting, stats, seconds)]
@@ -132,6 +137,25 @@ def hints(
         "thread": f"raise stages.{limiting.name}.pool.size or batch",
     }[limiting.kind]
     return [f"{limiting.name}: queue full {full:.0%} of the run, workers busy {busy:.0%}: {change}"]
+
+
+def _fused_limit(host: StageView) -> str | None:
+    """A hint naming the stage fused into `host`'s calls (an async stage's: a store
+    after the embedder) if it took most of their time: then it held the run back,
+    not `host`'s server or workers. A process pool's fused stages share its CPU-bound
+    workers, whose hints already fit them."""
+    if host.kind == "process" or host.busy_seconds <= 0:
+        return None
+    for fused in host.fused_views:
+        share = fused.busy_seconds / host.busy_seconds
+        if share >= FUSED_SHARE_LIMITING:
+            return (
+                f"{fused.name}: it runs inside {host.name}'s calls (pipeline/fusion.py) and "
+                f"took {share:.0%} of their time: {fused.name} is the limit, not "
+                f"{host.name}'s server; raise stages.{fused.name}.pool.size if it can take "
+                "several batches at once"
+            )
+    return None
 
 
 def _cpu_hint(view: StageView, cpu_busy: float) -> str:
@@ -170,7 +194,9 @@ def build_report(outcome: RunOutcome, views: Sequence[StageView]) -> dict[str, A
         "docs_per_s": round(outcome.indexed / per_s, 3),
         "pages_per_s": round(outcome.pages / per_s, 3),
         "chunks_per_s": round(outcome.chunks / per_s, 3),
-        "stages": [stage_numbers(v, seconds=seconds) for v in views],
+        "stages": [
+            stage_numbers(v, seconds=seconds) for host in views for v in (host, *host.fused_views)
+        ],
         "hints": report_hints(outcome, views),
     }
 

@@ -249,6 +249,10 @@ class Runner:
                 busy=st.busy,
                 limit=st.allowed,
             )
+            for fused in st.view.fused_views:
+                st.fused_meters[fused.name] = self.metrics.watch_fused(
+                    fused.name, workers=fused.workers
+                )
             self.metrics.watch_counters(pool.stage)
             await pool.open()
         try:
@@ -394,10 +398,11 @@ class Runner:
             # The documented field of page-producing stages (a call's outputs are all
             # of one stage: pages in the first, pages in all).
             self.outcome.pages += sum(len(out.data.get("pages") or ()) for out in outputs)
-        self.outcome.pages += st.pool.take_pages()  # what fused stages consumed
+        self.outcome.pages += st.count_fused(st.pool.take_fused())  # pages they consumed
         # `failures` may include held ones of earlier batches, released by a success.
         for item, error in failures:
             self.ledger.fail(item.doc, stage=error.stage or st.cfg.name, error=error)
+            st.count_failed(error.stage)
         if failures or st.systemic.holding:
             failed = {id(item) for item, _ in failures}
             done = sum(1 for i in live if id(i) not in failed and not st.systemic.holds(i))

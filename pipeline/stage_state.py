@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipeline.channel import Channel
 from pipeline.config import StageConfig
 from pipeline.limit import AdaptiveLimit, LimitStats, Permit
 from pipeline.metrics import StageMeters
-from pipeline.pools import Pool
+from pipeline.pools import FusedWork, Pool
 from pipeline.retry import RetryPolicy
 from pipeline.stage import Item
 from pipeline.systemic import SystemicCheck
@@ -44,6 +45,8 @@ class StageView:
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     running: dict[int, float] = field(default_factory=dict)  # batch -> started (monotonic)
     fused: tuple[str, ...] = ()  # stages that run in this one's workers
+    fused_views: tuple[StageView, ...] = ()  # and what they did there
+    host: str | None = None  # for a fused stage: the stage whose workers run it
     counters: dict[str, int] = field(default_factory=dict)  # the stage's own, "name:label"
     limit: int | None = None  # calls allowed in flight now (adaptive pools)
     limit_stats: LimitStats | None = None
@@ -68,6 +71,16 @@ class StageState:
         self.linger = linger_ms / 1000 if pool.batch_size > 1 else 0.0
         self.view = StageView(cfg.name, pool.kind, pool.size, capacity=inbox.capacity)
         self.view.fused = tuple(f.name for f in cfg.fused)
+        # A stage fused into a process pool's runs in each of its workers; one fused
+        # into an async pool's process, on threads of its own (pipeline.fusion).
+        self.view.fused_views = tuple(
+            StageView(
+                f.name, "fused", pool.size if pool.kind == "process" else f.pool.size,
+                host=cfg.name,
+            )
+            for f in cfg.fused
+        )  # fmt: skip
+        self.fused_meters: dict[str, StageMeters] = {}  # set with `meters`
         self.limit = AdaptiveLimit(pool.size) if cfg.pool.adaptive else None
         self.systemic = SystemicCheck(cfg.name)
         # Coroutines driving the pool: a worker process gets its next document while
@@ -102,6 +115,28 @@ class StageState:
         self._in_flight += change
         self.view.busy = min(self._in_flight, self.pool.size)
         return seconds
+
+    def count_fused(self, work: Sequence[FusedWork]) -> int:
+        """Count what the fused stages did under their own names, in their views and
+        series; returns the pages they consumed."""
+        views = {v.name: v for v in self.view.fused_views}
+        for done in work:
+            view, meters = views[done.stage], self.fused_meters[done.stage]
+            view.done += done.items
+            view.busy_seconds += done.seconds
+            view.durations.append(done.seconds)
+            meters.items_ok.inc(done.items)
+            meters.seconds.observe(done.seconds)
+            meters.busy_seconds.inc(done.seconds)
+        return sum(done.pages for done in work)
+
+    def count_failed(self, stage: str | None) -> None:
+        """Count an item that failed in this stage's call, under the fused stage that
+        failed it, if one did (the host counts it too: its call failed)."""
+        for view in self.view.fused_views:
+            if view.name == stage:
+                view.failed += 1
+                self.fused_meters[stage].items_failed.inc()
 
     def refresh(self) -> StageView:
         """The view, with the numbers read when asked brought up to date."""

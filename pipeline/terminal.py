@@ -173,7 +173,7 @@ def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float)
         filled = round(10 * v.depth / v.capacity) if v.capacity else 0
         bar = "█" * filled + "·" * (10 - filled)
         table.add_row(
-            "+".join((v.name, *v.fused)),
+            v.name,
             v.kind,
             f"{v.busy}/{v.workers}",
             _limit(v),
@@ -183,6 +183,11 @@ def render_frame(outcome: RunOutcome, views: list[StageView], *, elapsed: float)
             str(v.retries),
             str(v.failed),
         )
+        for f in v.fused_views:  # no queue or workers of its own: it runs in v's calls
+            table.add_row(
+                f"└ {f.name}", f"in {v.name}", "-", "-", "-", str(f.done),
+                f"{f.done / per_s:.1f}", "-", str(f.failed),
+            )  # fmt: skip
     return Group(head, table)
 
 

@@ -280,6 +280,7 @@ def test_a_running_pipeline_shows_its_metrics_status_line_and_report(
         'pipeline_concurrency_limit{stage="extract"} 2.0',  # a fixed pool: its size
         "pipeline_source_documents_total 3.0",
         'pipeline_items_total{outcome="ok",stage="extract"}',
+        'pipeline_items_total{outcome="ok",stage="chunk"}',  # fused, counted as its own
         'pipeline_stage_seconds_bucket{le="0.005",stage="extract"}',
         'pipeline_stage_busy_seconds_total{stage="extract"}',
         "pipeline_dead_letters",
@@ -292,11 +293,13 @@ def test_a_running_pipeline_shows_its_metrics_status_line_and_report(
     body = json.loads(report.read_text())
     assert body["indexed"] + body["failed"] + body["skipped"] == body["discovered"] == 3
     assert body["failed"] == 1 and body["chunks"] > 0 and body["pages"] > 0
-    assert [s["name"] for s in body["stages"]] == ["extract", "embed", "store"]
+    stages = [(s["name"], s["fused_into"]) for s in body["stages"]]
+    assert stages == [("extract", None), ("chunk", "extract"), ("embed", None), ("store", None)]
     assert body["stages"][0]["fused"] == ["chunk"]  # chunking runs in the extraction workers
+    assert body["stages"][1]["items_done"] > 0  # and is counted under its own name
     assert {"p50_batch_seconds", "queue_full_share", "utilisation"} <= set(body["stages"][0])
     assert body["hints"] and body["slowest_documents"]
-    assert body["stages"][1]["concurrency"]["ceiling"] == 8
+    assert body["stages"][2]["concurrency"]["ceiling"] == 8
 
 
 def test_a_second_sigint_stops_at_once(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The worker side of process pools: a stage chain's outputs, pages and counters."""
+"""The worker side of process pools: a stage chain's outputs, what its fused stages
+did (items, pages, time), and counters."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ class Refusing(Stage):
 
 def test_a_call_hands_back_what_the_first_stage_counted_once() -> None:
     first = Counting({}, name="first")
-    out, pages, counts = run_chain([first, Counting({}, name="fused")], [Item("a", {})])
+    out, work, counts = run_chain([first, Counting({}, name="fused")], [Item("a", {})])
 
-    assert [i.doc for i in out] == ["a"] and pages == 1
+    assert [i.doc for i in out] == ["a"]
+    [fused] = work  # counted under its own name: one item in, the one page it carried
+    assert (fused.stage, fused.items, fused.pages) == ("fused", 1, 1) and fused.seconds > 0
     assert counts == {("seen", "items"): 1}
     assert run_chain([first], [Item("b", {})])[2] == {("seen", "items"): 1}  # not 2
 

@@ -395,8 +395,16 @@ async def test_a_document_the_store_refuses_in_the_embedders_process_leaves_noth
 """,
     )
     assert [f.name for f in load_config(config).stages[-1].fused] == ["store"]
-    _, outcome = await run_once(config)
+    runner, outcome = await run_once(config)
     assert dict(outcome.failure_reasons) == {"store: refused": 1}  # the store's, not embed's
+    # Counted under its own name, as a store of its own pool would be.
+    [store] = runner.views()[-1].fused_views
+    assert (store.name, store.host, store.done, store.failed) == ("store", "embed", 2, 1)
+    assert store.busy_seconds > 0 and len(store.durations) >= 1
+    sample = runner.metrics.registry.get_sample_value
+    assert sample("pipeline_items_total", {"stage": "store", "outcome": "ok"}) == 2
+    assert sample("pipeline_items_total", {"stage": "store", "outcome": "failed"}) == 1
+    assert sample("pipeline_stage_busy_seconds_total", {"stage": "store"}) == store.busy_seconds
     assert statuses(config) == {"a.txt": "indexed", "b.txt": "failed"}
     # Nothing of b counted as stored, but a store that failed may have written part
     # of a call: as for any last stage, it is told to drop all of b.
@@ -423,3 +431,5 @@ async def test_a_fused_stage_runs_in_the_workers_of_the_one_before_and_fails_und
     assert dict(outcome.failure_reasons) == {"tag: toy_tag_refused": 1}
     assert statuses(config) == {"a.txt": "indexed", "b.txt": "failed", "c.txt": "indexed"}
     assert runner.views()[0].fused == ("tag",)
+    [tag] = runner.views()[0].fused_views
+    assert (tag.name, tag.host, tag.workers, tag.done, tag.failed) == ("tag", "lines", 2, 3, 1)
