@@ -87,6 +87,9 @@ class StageConfig:
     params: Mapping[str, Any] = field(hash=False)
     line: int
     fused: tuple[StageConfig, ...] = ()  # run in this stage's process(es) (pipeline.fusion)
+    # The engine's keys its YAML sets (queue, timeout_s, retry, linger_ms, with.batch):
+    # a fused stage's give way to its host's, and `pipeline validate` says so.
+    set_keys: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +313,12 @@ class _Loader:
             retry=self.retry(values["retry"], (*at, "retry")),
             params=self.params(values["with"] or {}, (*at, "with"), cls),
             line=self.lines.line(at) or 1,
+            set_keys=frozenset(
+                [
+                    *(k for k in raw if raw[k] is not None),
+                    *(f"with.{k}" for k in raw.get("with") or {}),
+                ]
+            ),
         )
 
     def stage_class(self, uses: str, at: KeyPath) -> type[StageBase]:

@@ -41,7 +41,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pipeline.config import StageConfig
 
-__all__ = ["declared", "fuse"]
+__all__ = ["declared", "fuse", "overridden"]
+
+# What a fused stage's host decides for the whole call, whatever the fused stage says.
+_HOSTS_OWN = ("queue", "linger_ms", "timeout_s", "retry", "with.batch")
 
 
 def fuse(stages: Sequence[StageConfig], *, executor: str) -> tuple[StageConfig, ...]:
@@ -72,3 +75,19 @@ def _hosts(host: StageConfig, stage: StageConfig, executor: str) -> bool:
         return stage.pool.kind == "process"
     own = host.pool.kind == "async" and host.pool.own_process and executor == "local"
     return own and stage.pool.kind == "thread"
+
+
+def overridden(stages: Sequence[StageConfig]) -> list[str]:
+    """A line for each fused stage whose YAML sets what its host decides instead
+    (its queue, timeout, retries, batch): the setting would do nothing, silently."""
+    lines = []
+    for host in stages:
+        for stage in host.fused:
+            keys = [key for key in _HOSTS_OWN if key in stage.set_keys]
+            if keys:
+                lines.append(
+                    f"{stage.name}: its {', '.join(keys)} do nothing: it runs inside "
+                    f"{host.name}'s calls, which {host.name}'s settings bound "
+                    "(pipeline/fusion.py)"
+                )
+    return lines

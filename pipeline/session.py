@@ -21,6 +21,7 @@ from pipeline.config import PipelineConfig
 from pipeline.disk import low_space, written_paths
 from pipeline.errors import ConfigError, FatalError
 from pipeline.executor import Executor, open_executor
+from pipeline.fusion import overridden
 from pipeline.metrics import Metrics
 from pipeline.outcome import RunOutcome
 from pipeline.report import Watchdog, build_report, report_hints
@@ -44,6 +45,8 @@ def prepared(
     executor of a run or a watch; refused before anything is written if space is
     short. Enter it before the event loop starts: ray.init takes SIGTERM's handler,
     and the loop's own handlers must come after it."""
+    for line in overridden(config.stages):
+        logger.warning("%s", line)
     short = low_space(written_paths(config), config.min_free_mb)
     if short is not None:  # before anything is written, the state included
         raise FatalError(short)

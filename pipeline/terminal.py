@@ -19,6 +19,7 @@ from rich.text import Text
 
 from pipeline.config import PipelineConfig
 from pipeline.executor import placement
+from pipeline.fusion import overridden
 from pipeline.outcome import RunOutcome
 from pipeline.stage import Hit
 
@@ -69,7 +70,7 @@ def print_graph(config: PipelineConfig) -> None:
             where = "workers" if st.pool.kind == "process" else "process"
             table.add_row(fused.name, fused.uses, f"in {st.name}'s {where}", "-", "-", "-", "-")
     _out().print(table)
-    for line in placements:
+    for line in [*placements, *overridden(config.stages)]:
         _out().print(line)
     _out().print(f"state: {config.state}; executor: {config.executor}")
 

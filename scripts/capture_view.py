@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 async def capture(workdir: Path, url: str) -> Console:
     shutil.copytree(REPO / "examples" / "pdfs", workdir / "examples" / "pdfs")
     text = (REPO / "pipeline.yaml").read_text().replace("http://127.0.0.1:8000/v1", url)
-    text = text.replace("batch: 64}", "batch: 8}").replace("size: 64}", "size: 4}")
+    text = text.replace("model: all-MiniLM-L6-v2", "model: hash-384")  # the builtin server's
+    text = text.replace("batch: 64}", "batch: 8}").replace("size: 64,", "size: 4,")
+    assert "size: 4," in text and "hash-384" in text, "pipeline.yaml changed: update this script"
     (workdir / "pipeline.yaml").write_text(text)
     config = load_config(workdir / "pipeline.yaml")
     state = open_state(config.state, exclusive=True)

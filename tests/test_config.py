@@ -602,6 +602,25 @@ def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
     rows = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if "│" in line}
     assert "in extract's workers" in rows["chunk"]
     assert "in embed's process" in rows["store"]
+    assert "do nothing" not in shown.stdout  # the store sets nothing its host decides
+
+    # A fused stage's own timeout or batch would be silently ignored: validate says so.
+    bounded = own.replace(
+        "pool: {kind: thread, size: 1}\n    with: {path: .pipeline/qdrant,",
+        "pool: {kind: thread, size: 1}\n    timeout_s: 5\n    with: {batch: 8, path: .pipeline/qdrant,",
+    )
+    assert bounded != own
+    told = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", "-c", str(write(tmp_path, bounded))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EMBEDDING_API_KEY": "k", "COLUMNS": "200"},
+    )
+    assert told.returncode == 0, told.stderr
+    assert "store: its timeout_s, with.batch do nothing: it runs inside embed's calls" in " ".join(
+        told.stdout.split()
+    )
 
 
 def test_a_bare_off_in_yaml_means_off_for_a_choice_that_has_it(tmp_path: Path) -> None:
