@@ -607,7 +607,8 @@ def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
     # A fused stage's own timeout or batch would be silently ignored: validate says so.
     bounded = own.replace(
         "pool: {kind: thread, size: 1}\n    with: {path: .pipeline/qdrant,",
-        "pool: {kind: thread, size: 1}\n    timeout_s: 5\n    with: {batch: 8, path: .pipeline/qdrant,",
+        "pool: {kind: thread, size: 1}\n    timeout_s: 5\n"
+        "    with: {batch: 8, path: .pipeline/qdrant,",
     )
     assert bounded != own
     told = subprocess.run(
