@@ -17,9 +17,9 @@ in-process async pool: many calls at once, one copy, one client.
     the engine dies   the child reads end-of-file and exits
     a call times out  the engine cancels it in the child, as it would in-process
 
-The child sends the stage's counters and notes back with every reply, and what the
-fused stages did (their items and time), so metrics, the report and the end-of-run
-notes read as they do in-process.
+The child sends the stage's counters and notes back with every reply (and with a
+call's outputs what the fused stages did on them), so metrics, the report and the
+end-of-run notes read as they do in-process.
 
 Stages fused into this one (pipeline.fusion: the store after the embedder) run in
 the child too, each call's outputs in turn, each on threads of its own (they are
@@ -87,7 +87,6 @@ class AsyncProcessPool(PoolBase):
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._notes: list[str] = []
-        self._fused_work: list[FusedWork] = []
         self._child: BaseProcess | None = None
         self._conn: Connection | None = None
         self._starting = asyncio.Lock()
@@ -100,10 +99,6 @@ class AsyncProcessPool(PoolBase):
     def copies(self) -> dict[str, object]:
         return {self.stage.name: self.stage, **self._recorded}
 
-    def take_fused(self) -> list[FusedWork]:
-        work, self._fused_work = self._fused_work, []
-        return work
-
     async def open(self) -> None:
         """Start the child and open the stage in it; the stage's own error if it cannot
         open, a FatalError if the child dies before it could say."""
@@ -113,8 +108,12 @@ class AsyncProcessPool(PoolBase):
             raise FatalError(f"{self._spec.name}: its process did not start: {exc}") from exc
 
     async def run(self, items: list[Item]) -> list[Item]:
-        result: list[Item] = await within(self._timeout_s, self._call("run", items))
-        return result
+        out: list[Item]
+        out, work = await within(self._timeout_s, self._call("run", items))
+        # What the fused stages did is counted once the call succeeded: not for a
+        # call that failed or timed out, which the engine tries again.
+        self._add_fused(work)
+        return out
 
     async def discard(self, docs: Sequence[str]) -> None:
         await self._call("discard", list(docs))
@@ -219,10 +218,9 @@ class AsyncProcessPool(PoolBase):
             asyncio.get_running_loop().remove_reader(conn.fileno())
 
     def _deliver(self, reply: _Reply) -> None:
-        call, status, value, counts, notes, work = reply
+        call, status, value, counts, notes = reply
         self.stage.counts.update(counts)
         self._notes = notes
-        self._fused_work += work
         future = self._pending.pop(call, None)
         if future is None or future.done():
             return  # cancelled meanwhile
@@ -245,8 +243,8 @@ class AsyncProcessPool(PoolBase):
 
 
 # A reply from the child: (call, "ok" or "error", the value or the exception, the
-# stage's counts since the last reply, its notes, what the fused stages did since).
-_Reply = tuple[int, str, Any, Counter[tuple[str, str]], list[str], list[FusedWork]]
+# stage's counts since the last reply, its notes).
+_Reply = tuple[int, str, Any, Counter[tuple[str, str]], list[str]]
 
 
 def _died(child: BaseProcess | None) -> PermanentError:
@@ -317,7 +315,6 @@ class _Child:
         self.tasks: dict[int, asyncio.Task[Any]] = {}
         self.closing: set[int] = set()
         self.sent: Counter[tuple[str, str]] = Counter()  # counts already sent
-        self.work: list[FusedWork] = []  # what the fused stages did, not sent yet
         self.done = asyncio.Event()
 
     async def serve(self) -> None:
@@ -381,13 +378,15 @@ class _Child:
                     recorded[spec.name] = Recorded(None, error=exc)
         return recorded
 
-    async def _run(self, items: list[Item]) -> list[Item]:
+    async def _run(self, items: list[Item]) -> tuple[list[Item], list[FusedWork]]:
+        """The call's outputs, and what each fused stage did on them."""
         assert self.stage is not None
         out = await self.stage.process(items)
+        work = []
         for fused in self.fused:
             out, done = await fused.process(out)
-            self.work.append(done)
-        return [Item(item.doc) for item in out] if self.sink else out
+            work.append(done)
+        return ([Item(item.doc) for item in out] if self.sink else out), work
 
     async def _discard(self, docs: list[str]) -> None:
         assert self.stage is not None
@@ -421,17 +420,15 @@ class _Child:
 
     def _reply(self, call: int, status: str, value: Any) -> None:
         """Send a call's outcome, with what the stage counted since the last reply
-        (its own counts keep growing: its notes may read them), its notes now, and
-        what the fused stages did since the last reply."""
+        (its own counts keep growing: its notes may read them) and its notes now."""
         counts: Counter[tuple[str, str]] = Counter()
         notes: list[str] = []
         if self.stage is not None:
             counts = self.stage.counts - self.sent
             self.sent = self.stage.counts.copy()
             notes = self.stage.notes()
-        work, self.work = self.work, []
         try:
-            self.conn.send((call, status, value, counts, notes, work))
+            self.conn.send((call, status, value, counts, notes))
         except (pickle.PicklingError, TypeError, AttributeError):  # an error that cannot travel
             text = f"{type(value).__name__}: {value}"
-            self.conn.send((call, "error", RuntimeError(text), counts, notes, work))
+            self.conn.send((call, "error", RuntimeError(text), counts, notes))

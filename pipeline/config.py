@@ -87,8 +87,8 @@ class StageConfig:
     params: Mapping[str, Any] = field(hash=False)
     line: int
     fused: tuple[StageConfig, ...] = ()  # run in this stage's process(es) (pipeline.fusion)
-    # The engine's keys its YAML sets (queue, timeout_s, retry, linger_ms, with.batch):
-    # a fused stage's give way to its host's, and `pipeline validate` says so.
+    # The keys its YAML sets to something ("queue", "with.batch", "pool.size"): a fused
+    # stage's engine settings give way to its host's, and `pipeline validate` says so.
     set_keys: frozenset[str] = frozenset()
 
 
@@ -167,6 +167,20 @@ def load_config(
     root, data = parse(file, text)
     loader = _Loader(file, Lines(root), path.resolve().parent, os.environ if env is None else env)
     return loader.pipeline(data, path, source)
+
+
+def _set_keys(raw: Mapping[str, Any]) -> frozenset[str]:
+    """The keys a stage's YAML sets to something (an empty section or null sets
+    nothing), sections' keys as "section.key"."""
+    keys: set[str] = set()
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            keys.update(f"{key}.{inner}" for inner, v in value.items() if v is not None)
+            if value:
+                keys.add(key)
+        elif value is not None:
+            keys.add(key)
+    return frozenset(keys)
 
 
 class _Loader:
@@ -313,12 +327,7 @@ class _Loader:
             retry=self.retry(values["retry"], (*at, "retry")),
             params=self.params(values["with"] or {}, (*at, "with"), cls),
             line=self.lines.line(at) or 1,
-            set_keys=frozenset(
-                [
-                    *(k for k in raw if raw[k] is not None),
-                    *(f"with.{k}" for k in raw.get("with") or {}),
-                ]
-            ),
+            set_keys=_set_keys(raw),
         )
 
     def stage_class(self, uses: str, at: KeyPath) -> type[StageBase]:

@@ -43,8 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = ["declared", "fuse", "overridden"]
 
-# What a fused stage's host decides for the whole call, whatever the fused stage says.
+# What a fused stage's host decides for the whole call, whatever the fused stage says;
+# in a process pool's workers, how many there are and their memory cap too.
 _HOSTS_OWN = ("queue", "linger_ms", "timeout_s", "retry", "with.batch")
+_PROCESS_HOSTS_OWN = (*_HOSTS_OWN, "pool.size", "memory_mb")
 
 
 def fuse(stages: Sequence[StageConfig], *, executor: str) -> tuple[StageConfig, ...]:
@@ -82,12 +84,14 @@ def overridden(stages: Sequence[StageConfig]) -> list[str]:
     (its queue, timeout, retries, batch): the setting would do nothing, silently."""
     lines = []
     for host in stages:
+        owned = _PROCESS_HOSTS_OWN if host.pool.kind == "process" else _HOSTS_OWN
         for stage in host.fused:
-            keys = [key for key in _HOSTS_OWN if key in stage.set_keys]
+            keys = [key for key in owned if key in stage.set_keys]
             if keys:
+                verb = "is" if len(keys) == 1 else "are"
                 lines.append(
-                    f"{stage.name}: its {', '.join(keys)} do nothing: it runs inside "
-                    f"{host.name}'s calls, which {host.name}'s settings bound "
+                    f"{stage.name}: {', '.join(keys)} set on it {verb} not used: it runs "
+                    f"inside the calls of {host.name}, whose settings bound them "
                     "(pipeline/fusion.py)"
                 )
     return lines

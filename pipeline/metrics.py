@@ -106,20 +106,14 @@ class Metrics:
     ) -> StageMeters:
         """Show the stage's queue and workers; returns its series to count into."""
         self.queue_capacity.labels(stage).set(capacity)
-        self.workers.labels(stage).set(workers)
         self.concurrency_limit.labels(stage).set_function(limit)
         self.queue_depth.labels(stage).set_function(depth)
         self.workers_busy.labels(stage).set_function(busy)
-        return StageMeters(
-            items_ok=self.items.labels(stage, "ok"),
-            items_failed=self.items.labels(stage, "failed"),
-            seconds=self.stage_seconds.labels(stage),
-            busy_seconds=self.busy_seconds.labels(stage),
-        )
+        return self.watch_fused(stage, workers=workers)
 
     def watch_fused(self, stage: str, *, workers: int) -> StageMeters:
-        """The series of a stage fused into another (pipeline.fusion): its items and
-        time, counted from its host's workers; it has no queue or busy workers of its own."""
+        """A stage's workers and the series it counts into; alone, those of a stage fused
+        into another (pipeline.fusion), which has no queue or busy workers of its own."""
         self.workers.labels(stage).set(workers)
         return StageMeters(
             items_ok=self.items.labels(stage, "ok"),

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from pipeline import registry
 from pipeline.errors import FatalError, PermanentError, StageError
@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class StageSpec(NamedTuple):
@@ -145,7 +147,7 @@ def timed_out(seconds: float) -> PermanentError:
     return PermanentError(f"timed out after {seconds:g} s", reason="timeout")
 
 
-async def within(seconds: float | None, call: Awaitable[list[Item]]) -> list[Item]:
+async def within(seconds: float | None, call: Awaitable[T]) -> T:
     """Await `call` within the stage's `timeout_s`; overrunning fails the items."""
     if seconds is None:
         return await call
@@ -157,13 +159,21 @@ async def within(seconds: float | None, call: Awaitable[list[Item]]) -> list[Ite
 
 
 class PoolBase:
-    """What most pools answer alike (see `Pool`): no fused stages, one machine, the
-    engine's copy's notes, that copy for checks across stages."""
+    """What most pools answer alike (see `Pool`): what fused stages did (if any ran),
+    one machine, the engine's copy's notes, that copy for checks across stages."""
 
     stage: StageBase
+    _fused_work: list[FusedWork] | None = None  # a pool whose workers run fused stages
 
     def take_fused(self) -> list[FusedWork]:
-        return []
+        work, self._fused_work = self._fused_work or [], None
+        return work
+
+    def _add_fused(self, work: Sequence[FusedWork]) -> None:
+        """Keep what one successful call's fused stages did, for `take_fused`."""
+        if self._fused_work is None:
+            self._fused_work = []
+        self._fused_work += work
 
     def nodes(self) -> dict[str, int]:
         return {}

@@ -42,7 +42,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pipeline.errors import PermanentError, exit_reason
-from pipeline.pools import FusedWork, PoolBase, StageSpec, build_chain, run_chain, timed_out
+from pipeline.pools import PoolBase, StageSpec, build_chain, run_chain, timed_out
 from pipeline.stage import Item, PoolKind, Stage, StageBase
 
 __all__ = ["ProcessPool"]
@@ -89,7 +89,6 @@ class ProcessPool(PoolBase):
     ) -> None:
         self.size = size
         self.batch_size = stage.batch_size
-        self._fused: list[FusedWork] = []
         # Never opened: each worker process holds its own working copy. This one adds
         # up the counts the workers send back, for metrics, the report and notes().
         self.stage: StageBase = stage
@@ -101,10 +100,6 @@ class ProcessPool(PoolBase):
 
     async def open(self) -> None:
         return None  # workers start on the first tasks and build their stages then
-
-    def take_fused(self) -> list[FusedWork]:
-        work, self._fused = self._fused, []
-        return work
 
     async def run(self, items: list[Item]) -> list[Item]:
         task = _Task(pickle.dumps(items, _PROTOCOL), asyncio.get_running_loop().create_future())
@@ -120,7 +115,7 @@ class ProcessPool(PoolBase):
             raise self._error(value)
         outputs: list[Item]
         outputs, work, counts = value
-        self._fused += work
+        self._add_fused(work)
         self.stage.counts.update(counts)
         return outputs
 

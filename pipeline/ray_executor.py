@@ -42,7 +42,7 @@ import ray
 from ray.exceptions import OutOfMemoryError, RayError
 
 from pipeline.errors import FatalError, PermanentError, PipelineError, StageError
-from pipeline.pools import FusedWork, PoolBase, StageSpec, ThreadPool, build_chain, run_chain
+from pipeline.pools import PoolBase, StageSpec, ThreadPool, build_chain, run_chain
 from pipeline.ray_reaper import start_reaper
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage, StageBase
 
@@ -154,13 +154,8 @@ class RayPool(PoolBase):
         self._call = call
         self._actors = list(actors)
         self._timeout_s = timeout_s
-        self._fused: list[FusedWork] = []
         self._nodes: Counter[str] = Counter()
         self._notes: list[str] = []
-
-    def take_fused(self) -> list[FusedWork]:
-        work, self._fused = self._fused, []
-        return work
 
     def nodes(self) -> dict[str, int]:
         return dict(self._nodes)
@@ -200,7 +195,7 @@ class RayPool(PoolBase):
         if status == "error":
             raise value
         out, work, counts, notes = value
-        self._fused += work
+        self._add_fused(work)
         self.stage.counts.update(counts)
         self._notes = notes or self._notes  # an actor's notes so far, as of this call
         return list(out)

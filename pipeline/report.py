@@ -20,7 +20,7 @@ from pipeline.stage_state import StageView
 __all__ = ["Watchdog", "build_report", "hints", "report_hints"]
 
 FULL_SHARE_LIMITING = 0.5  # input full for half the run or more: this stage held others back
-FUSED_SHARE_LIMITING = 0.5  # a fused stage took half its host's call time: it limits
+FUSED_BUSY_LIMITING = 0.8  # a fused stage's threads this busy: it held its host back
 CPU_SATURATED = 0.9  # the machine's CPUs this busy over the run: cores, not workers, are short
 QUEUE_FULL_WARN_S = 30.0
 ITEM_SLOW_WARN_S = 60.0
@@ -47,13 +47,13 @@ def stage_numbers(view: StageView, *, seconds: float) -> dict[str, Any]:
         "fused_into": view.host,  # a fused stage: the stage whose calls ran it
         "pool": view.kind,
         "workers": view.workers,
-        "queue_capacity": view.capacity,
+        "queue_capacity": None if view.host else view.capacity,  # a fused stage has none
         "items_done": view.done,
         "items_failed": view.failed,
         "retries": view.retries,
         "busy_seconds": round(view.busy_seconds, 3),
         "utilisation": round(_share(view.busy_seconds, seconds * view.workers), 3),
-        "queue_full_share": round(_share(view.full_seconds, seconds), 3),
+        "queue_full_share": None if view.host else round(_share(view.full_seconds, seconds), 3),
         "p50_batch_seconds": None if p50 is None else round(p50, 4),
         "p95_batch_seconds": None if p95 is None else round(p95, 4),
         "concurrency": _concurrency(view),
@@ -112,7 +112,7 @@ def hints(
         for view in reversed(views):
             stats = _server_bound(view)
             if stats is not None and _limit_busy(view, seconds) >= 0.5:
-                return [_fused_limit(view) or _server_hint(view, stats, seconds)]
+                return [_fused_limit(view, seconds) or _server_hint(view, stats, seconds)]
         first = views[0]
         busy = _share(first.busy_seconds, seconds * first.workers)
         if saturated and cpu_busy is not None:
@@ -121,7 +121,7 @@ def hints(
             f"{first.name}: no queue stayed full; the source and {first.name} set the pace "
             f"(workers busy {busy:.0%}): raise stages.{first.name}.pool.size if CPUs are idle"
         ]
-    fused = _fused_limit(limiting)
+    fused = _fused_limit(limiting, seconds)
     if fused is not None:
         return [fused]
     stats = _server_bound(limiting)
@@ -139,21 +139,21 @@ def hints(
     return [f"{limiting.name}: queue full {full:.0%} of the run, workers busy {busy:.0%}: {change}"]
 
 
-def _fused_limit(host: StageView) -> str | None:
+def _fused_limit(host: StageView, seconds: float) -> str | None:
     """A hint naming the stage fused into `host`'s calls (an async stage's: a store
-    after the embedder) if it took most of their time: then it held the run back,
-    not `host`'s server or workers. A process pool's fused stages share its CPU-bound
-    workers, whose hints already fit them."""
-    if host.kind == "process" or host.busy_seconds <= 0:
+    after the embedder) if its threads were busy nearly all the run: then its host's
+    calls waited on it, and neither the host's server nor its workers were the limit.
+    A process pool's fused stages share its CPU-bound workers, whose hints fit them."""
+    if host.kind == "process":
         return None
     for fused in host.fused_views:
-        share = fused.busy_seconds / host.busy_seconds
-        if share >= FUSED_SHARE_LIMITING:
+        busy = _share(fused.busy_seconds, seconds * fused.workers)
+        if busy >= FUSED_BUSY_LIMITING:
             return (
-                f"{fused.name}: it runs inside {host.name}'s calls (pipeline/fusion.py) and "
-                f"took {share:.0%} of their time: {fused.name} is the limit, not "
-                f"{host.name}'s server; raise stages.{fused.name}.pool.size if it can take "
-                "several batches at once"
+                f"{fused.name}: it runs inside the calls of {host.name} (pipeline/fusion.py) "
+                f"and its {fused.workers} thread(s) were busy {busy:.0%} of the run: "
+                f"{fused.name} is the limit, not {host.name}'s server or workers; raise "
+                f"stages.{fused.name}.pool.size if it can take several batches at once"
             )
     return None
 

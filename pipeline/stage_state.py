@@ -80,6 +80,7 @@ class StageState:
             )
             for f in cfg.fused
         )  # fmt: skip
+        self._fused_views = {v.name: v for v in self.view.fused_views}
         self.fused_meters: dict[str, StageMeters] = {}  # set with `meters`
         self.limit = AdaptiveLimit(pool.size) if cfg.pool.adaptive else None
         self.systemic = SystemicCheck(cfg.name)
@@ -119,9 +120,8 @@ class StageState:
     def count_fused(self, work: Sequence[FusedWork]) -> int:
         """Count what the fused stages did under their own names, in their views and
         series; returns the pages they consumed."""
-        views = {v.name: v for v in self.view.fused_views}
         for done in work:
-            view, meters = views[done.stage], self.fused_meters[done.stage]
+            view, meters = self._fused_views[done.stage], self.fused_meters[done.stage]
             view.done += done.items
             view.busy_seconds += done.seconds
             view.durations.append(done.seconds)
@@ -133,10 +133,10 @@ class StageState:
     def count_failed(self, stage: str | None) -> None:
         """Count an item that failed in this stage's call, under the fused stage that
         failed it, if one did (the host counts it too: its call failed)."""
-        for view in self.view.fused_views:
-            if view.name == stage:
-                view.failed += 1
-                self.fused_meters[stage].items_failed.inc()
+        view = self._fused_views.get(stage or "")
+        if view is not None:
+            view.failed += 1
+            self.fused_meters[view.name].items_failed.inc()
 
     def refresh(self) -> StageView:
         """The view, with the numbers read when asked brought up to date."""

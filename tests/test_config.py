@@ -23,7 +23,7 @@ from pipeline.config import (
     load_config,
 )
 from pipeline.errors import ConfigError
-from pipeline.fusion import declared, fuse
+from pipeline.fusion import declared, fuse, overridden
 from pipeline.registry import known_kinds, resolve
 from pipeline.schema import RETRY, SOURCE
 from pipeline.stage import StageBase
@@ -588,6 +588,24 @@ def test_the_store_fuses_into_an_embedder_in_its_own_process_on_the_local_execut
     assert [s.name for s in in_engine.stages] == ["extract", "embed", "store"]
 
 
+def test_only_what_a_fused_stage_sets_and_its_host_decides_is_called_unused(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "examples/pdfs").mkdir(parents=True)
+    chunk = "uses: text.chunk\n    retry: {}\n    timeout_s: null\n    with: {size: 1200"
+    quiet = REAL.replace("uses: text.chunk\n    with: {size: 1200", chunk)
+    assert quiet != REAL
+    config = load_config(write(tmp_path, quiet), env={"EMBEDDING_API_KEY": "k"})
+    assert overridden(config.stages) == []  # an empty section, a null: nothing set
+    # In a process pool's workers, the host's worker count and memory cap hold too.
+    sized = REAL.replace(
+        "uses: text.chunk\n", "uses: text.chunk\n    pool: {kind: process, size: 8}\n"
+    )
+    config = load_config(write(tmp_path, sized), env={"EMBEDDING_API_KEY": "k"})
+    [line] = overridden(config.stages)
+    assert line.startswith("chunk: pool.size set on it is not used: it runs inside the calls")
+
+
 def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
     (tmp_path / "examples/pdfs").mkdir(parents=True)
     own = REAL.replace("pool: {kind: async, size: 64}", "pool: {kind: async, own_process: true}")
@@ -602,7 +620,7 @@ def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
     rows = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if "│" in line}
     assert "in extract's workers" in rows["chunk"]
     assert "in embed's process" in rows["store"]
-    assert "do nothing" not in shown.stdout  # the store sets nothing its host decides
+    assert "not used" not in shown.stdout  # the store sets nothing its host decides
 
     # A fused stage's own timeout or batch would be silently ignored: validate says so.
     bounded = own.replace(
@@ -619,8 +637,10 @@ def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
         env={**os.environ, "EMBEDDING_API_KEY": "k", "COLUMNS": "200"},
     )
     assert told.returncode == 0, told.stderr
-    assert "store: its timeout_s, with.batch do nothing: it runs inside embed's calls" in " ".join(
-        told.stdout.split()
+    told_lines = " ".join(told.stdout.split())
+    assert (
+        "store: timeout_s, with.batch set on it are not used: it runs inside the calls of embed"
+        in told_lines
     )
 
 

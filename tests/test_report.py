@@ -164,37 +164,40 @@ def test_the_shipped_pipeline_yaml_passes_the_schema() -> None:
     assert shipped == json_schema()
 
 
-def fused_into_embed(*, store_share: float, seconds: float = 100) -> list[StageView]:
-    """The default pipeline's shape: the store runs inside embed's calls."""
+def fused_into_embed(*, store_busy: float, seconds: float = 100) -> list[StageView]:
+    """The default pipeline's shape: the store runs inside embed's calls, on one
+    thread busy `store_busy` of the run."""
     shown = views(embed_full=0.91, embed_busy=1.0, seconds=seconds)[:3]
     embed = shown[2]
     store = StageView("store", "fused", 1, done=850, host="embed",
-                      busy_seconds=store_share * embed.busy_seconds)  # fmt: skip
+                      busy_seconds=store_busy * seconds)  # fmt: skip
     embed.fused, embed.fused_views = ("store",), (store,)
     return shown
 
 
-def test_a_fused_store_that_took_most_of_its_hosts_call_time_is_named_as_the_limit() -> None:
-    said = hints(fused_into_embed(store_share=0.7), seconds=100)
-    assert len(said) == 1 and said[0].startswith("store: it runs inside embed's calls")
-    assert "took 70% of their time" in said[0] and "stages.store.pool.size" in said[0]
+def test_a_fused_store_busy_all_the_run_is_named_as_the_limit() -> None:
+    said = hints(fused_into_embed(store_busy=0.95), seconds=100)
+    assert len(said) == 1 and said[0].startswith("store: it runs inside the calls of embed")
+    assert "1 thread(s) were busy 95% of the run" in said[0]
+    assert "stages.store.pool.size" in said[0]
     # A server that set embed's limit is not blamed for the store's time either.
-    slow = fused_into_embed(store_share=0.7)
+    slow = fused_into_embed(store_busy=0.95)
     slow[2].limit_stats = limited(mean=2.0, final=2)
-    assert hints(slow, seconds=100)[0].startswith("store: it runs inside embed's calls")
-    # A store that took a small part of the calls leaves the usual hint.
-    assert hints(fused_into_embed(store_share=0.2), seconds=100)[0].startswith(
+    assert hints(slow, seconds=100)[0].startswith("store: it runs inside the calls of embed")
+    # A store with time to spare leaves the usual hint.
+    assert hints(fused_into_embed(store_busy=0.3), seconds=100)[0].startswith(
         "embed: queue full 91%"
     )
 
 
 def test_the_report_and_live_view_show_a_fused_stage_under_its_own_name() -> None:
-    shown = fused_into_embed(store_share=0.2, seconds=10)
+    shown = fused_into_embed(store_busy=0.3, seconds=10)
     report = build_report(RunOutcome(seconds=10.0), shown)
     names = [(s["name"], s["fused_into"]) for s in report["stages"]]
     assert names == [("extract", None), ("chunk", None), ("embed", None), ("store", "embed")]
     store = report["stages"][3]
-    assert store["items_done"] == 850 and store["busy_seconds"] == round(0.2 * 640, 3)
+    assert store["items_done"] == 850 and store["busy_seconds"] == 3.0
+    assert store["utilisation"] == 0.3 and store["queue_full_share"] is None
     console = Console(record=True, width=140, color_system=None)
     console.print(render_frame(RunOutcome(), shown, elapsed=10.0))
     row = next(line for line in console.export_text().splitlines() if "└ store" in line)
