@@ -43,7 +43,7 @@ def stage_numbers(view: StageView, *, seconds: float) -> dict[str, Any]:
     p50, p95 = _percentile(durations, 50), _percentile(durations, 95)
     return {
         "name": view.name,
-        "fused": list(view.fused),
+        "fused": [f.name for f in view.fused_views],
         "fused_into": view.host,  # a fused stage: the stage whose calls ran it
         "pool": view.kind,
         "workers": view.workers,

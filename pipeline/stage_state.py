@@ -44,8 +44,7 @@ class StageView:
     full_seconds: float = 0.0  # time its input channel was full
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     running: dict[int, float] = field(default_factory=dict)  # batch -> started (monotonic)
-    fused: tuple[str, ...] = ()  # stages that run in this one's workers
-    fused_views: tuple[StageView, ...] = ()  # and what they did there
+    fused_views: tuple[StageView, ...] = ()  # stages that run in this one's workers
     host: str | None = None  # for a fused stage: the stage whose workers run it
     counters: dict[str, int] = field(default_factory=dict)  # the stage's own, "name:label"
     limit: int | None = None  # calls allowed in flight now (adaptive pools)
@@ -70,7 +69,6 @@ class StageState:
         linger_ms = cfg.linger_ms if cfg.linger_ms is not None else DEFAULT_LINGER_MS
         self.linger = linger_ms / 1000 if pool.batch_size > 1 else 0.0
         self.view = StageView(cfg.name, pool.kind, pool.size, capacity=inbox.capacity)
-        self.view.fused = tuple(f.name for f in cfg.fused)
         # A stage fused into a process pool's runs in each of its workers; one fused
         # into an async pool's process, on threads of its own (pipeline.fusion).
         self.view.fused_views = tuple(

@@ -171,7 +171,7 @@ def fused_into_embed(*, store_busy: float, seconds: float = 100) -> list[StageVi
     embed = shown[2]
     store = StageView("store", "fused", 1, done=850, host="embed",
                       busy_seconds=store_busy * seconds)  # fmt: skip
-    embed.fused, embed.fused_views = ("store",), (store,)
+    embed.fused_views = (store,)
     return shown
 
 
@@ -195,6 +195,7 @@ def test_the_report_and_live_view_show_a_fused_stage_under_its_own_name() -> Non
     report = build_report(RunOutcome(seconds=10.0), shown)
     names = [(s["name"], s["fused_into"]) for s in report["stages"]]
     assert names == [("extract", None), ("chunk", None), ("embed", None), ("store", "embed")]
+    assert report["stages"][2]["fused"] == ["store"]
     store = report["stages"][3]
     assert store["items_done"] == 850 and store["busy_seconds"] == 3.0
     assert store["utilisation"] == 0.3 and store["queue_full_share"] is None

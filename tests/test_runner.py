@@ -430,6 +430,5 @@ async def test_a_fused_stage_runs_in_the_workers_of_the_one_before_and_fails_und
     assert SINKS["fused"] == {"a.txt": ["one [tagged]", "two [tagged]"], "c.txt": ["x [tagged]"]}
     assert dict(outcome.failure_reasons) == {"tag: toy_tag_refused": 1}
     assert statuses(config) == {"a.txt": "indexed", "b.txt": "failed", "c.txt": "indexed"}
-    assert runner.views()[0].fused == ("tag",)
     [tag] = runner.views()[0].fused_views
     assert (tag.name, tag.host, tag.workers, tag.done, tag.failed) == ("tag", "lines", 2, 3, 1)
