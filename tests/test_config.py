@@ -606,21 +606,27 @@ def test_only_what_a_fused_stage_sets_and_its_host_decides_is_called_unused(
     assert line.startswith("chunk: pool.size set on it is not used: it runs inside the calls")
 
 
-def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
-    (tmp_path / "examples/pdfs").mkdir(parents=True)
-    own = REAL.replace("pool: {kind: async, size: 64}", "pool: {kind: async, own_process: true}")
+def validate(config: Path) -> str:
+    """`pipeline validate` on `config`, in a wide terminal: what it printed."""
     shown = subprocess.run(
-        [sys.executable, "-m", "pipeline", "validate", "-c", str(write(tmp_path, own))],
+        [sys.executable, "-m", "pipeline", "validate", "-c", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "EMBEDDING_API_KEY": "k", "COLUMNS": "200"},
     )
     assert shown.returncode == 0, shown.stderr
-    rows = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if "│" in line}
+    return shown.stdout
+
+
+def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
+    (tmp_path / "examples/pdfs").mkdir(parents=True)
+    own = REAL.replace("pool: {kind: async, size: 64}", "pool: {kind: async, own_process: true}")
+    shown = validate(write(tmp_path, own))
+    rows = {line.split("│")[1].strip(): line for line in shown.splitlines() if "│" in line}
     assert "in extract's workers" in rows["chunk"]
     assert "in embed's process" in rows["store"]
-    assert "not used" not in shown.stdout  # the store sets nothing its host decides
+    assert "not used" not in shown  # the store sets nothing its host decides
 
     # A fused stage's own timeout or batch would be silently ignored: validate says so.
     bounded = own.replace(
@@ -629,19 +635,8 @@ def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
         "    with: {batch: 8, path: .pipeline/qdrant,",
     )
     assert bounded != own
-    told = subprocess.run(
-        [sys.executable, "-m", "pipeline", "validate", "-c", str(write(tmp_path, bounded))],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "EMBEDDING_API_KEY": "k", "COLUMNS": "200"},
-    )
-    assert told.returncode == 0, told.stderr
-    told_lines = " ".join(told.stdout.split())
-    assert (
-        "store: timeout_s, with.batch set on it are not used: it runs inside the calls of embed"
-        in told_lines
-    )
+    told = " ".join(validate(write(tmp_path, bounded)).split())
+    assert "store: timeout_s, with.batch set on it are not used: it runs inside the calls" in told
 
 
 def test_a_bare_off_in_yaml_means_off_for_a_choice_that_has_it(tmp_path: Path) -> None:
