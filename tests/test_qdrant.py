@@ -521,3 +521,25 @@ store.close()
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "3"
+
+
+def test_an_edge_process_whose_parent_left_mid_call_exits_quietly(tmp_path: Path) -> None:
+    """The parent (the embedder's process, killed) is gone before the answer: the Edge
+    process finishes the call, finds nobody to answer, and exits at once, with no
+    traceback on the run's terminal and no flush (the WAL has the points)."""
+    import multiprocessing
+
+    mine, theirs = multiprocessing.Pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "stages.edge_process", str(theirs.fileno()),
+         str(tmp_path / "docs"), "cosine", "60"],
+        pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    theirs.close()
+    assert mine.recv() == ("ok", None)  # opened
+    os.kill(child.pid, signal.SIGSTOP)  # so the call is read only once the parent is gone
+    mine.send(("count", ()))  # a call whose answer nobody will read
+    mine.close()
+    os.kill(child.pid, signal.SIGCONT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 0 and "Traceback" not in err, err
