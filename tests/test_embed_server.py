@@ -109,6 +109,16 @@ def test_embeddings_are_deterministic_across_calls_and_batches() -> None:
     assert np.array_equal(together[1], embed_texts(["second text"])[0])
 
 
+def test_hash_384_vectors_stay_what_they_were() -> None:
+    """Collections built by hash-384 must match the queries of later versions: a
+    change to the hashing (or a faster way to compute it) must not move a vector."""
+    v = embed_texts(["Qdrant Edge stores the chunks; pypdf reads the pages."])[0]
+    assert np.count_nonzero(v) == 49
+    assert v[7] == pytest.approx(0.51533, abs=1e-5)
+    assert v[67] == pytest.approx(-0.32208, abs=1e-5)
+    assert v[84] == pytest.approx(0.25766, abs=1e-5)
+
+
 def test_embeddings_are_the_same_in_another_process() -> None:
     code = (
         "import sys; from stages.embed_server import embed_texts; "
