@@ -91,7 +91,7 @@ def overridden(stages: Sequence[StageConfig]) -> list[str]:
                 verb = "is" if len(keys) == 1 else "are"
                 lines.append(
                     f"{stage.name}: {', '.join(keys)} set on it {verb} not used: it runs "
-                    f"inside the calls of {host.name}, whose settings bound them "
+                    f"inside the calls of {host.name}, which {host.name}'s settings bound "
                     "(pipeline/fusion.py)"
                 )
     return lines
