@@ -108,15 +108,19 @@ def _word_hashes(
 
 def _powers(base: np.uint64, size: int) -> npt.NDArray[np.uint64]:
     """base**0 .. base**(size-1), modulo 2**64: a view of a table kept between calls
-    (grown, never changed in place, so threads of the server may share it)."""
+    (replaced when it grows, never changed in place, so the server's threads may share
+    it), up to `_KEPT` bytes of text; a larger batch gets a table of its own."""
     table = _POWERS.get(int(base))
     if table is None or table.size < size:
-        table = np.ones(max(size, 2 * (0 if table is None else table.size), 1 << 16), np.uint64)
+        kept = 0 if table is None else table.size
+        table = np.ones(max(size, min(2 * kept, _KEPT), 1 << 16), np.uint64)
         np.cumprod(np.full(table.size - 1, base, dtype=np.uint64), out=table[1:])
-        _POWERS[int(base)] = table
+        if table.size <= _KEPT:
+            _POWERS[int(base)] = table
     return table[:size]
 
 
+_KEPT = 1 << 20  # 8 MB a table: batches of up to ~1 MB of text
 _POWERS: dict[int, npt.NDArray[np.uint64]] = {}
 
 
