@@ -690,11 +690,14 @@ def _print_pipeline(r: dict[str, Any]) -> None:
     )
     for s in r["stages"]:
         full, host = s.get("queue_full_share"), s.get("fused_into")
-        where = f"  in {host}'s calls" if host else f"  inbox full {full:.0%} of the run"
+        where = ""
+        if host:  # a fused stage: no queue of its own
+            where = f"  in {host}'s calls"
+        elif full is not None:
+            where = f"  inbox full {full:.0%} of the run"
         print(
             f"  {s['name']:8} {s['pool']:7} x{s['workers']:<3} done {s['items_done']:>7} "
-            f"busy {s['busy_seconds']:8.1f} s  utilisation {s['utilisation']:.2f}"
-            + (where if host or full is not None else "")
+            f"busy {s['busy_seconds']:8.1f} s  utilisation {s['utilisation']:.2f}{where}"
         )
     for hint in r.get("hints", []):
         print(f"  hint: {hint}")
