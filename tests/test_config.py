@@ -637,6 +637,19 @@ def test_validate_shows_where_each_fused_stage_runs(tmp_path: Path) -> None:
     assert bounded != own
     told = " ".join(validate(write(tmp_path, bounded)).split())
     assert "store: timeout_s, with.batch set on it are not used: it runs inside the calls" in told
+    # And `pipeline run` says it before any work (here: an empty folder, nothing to do).
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "-c", str(write(tmp_path, bounded))]
+        + ["--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "EMBEDDING_API_KEY": "k"},
+    )
+    assert run.returncode == 0, run.stderr
+    warned = " ".join(run.stderr.split())
+    assert "WARNING store: timeout_s, with.batch set on it are not used" in warned
+    assert warned.index("not used") < warned.index("started")
 
 
 def test_a_bare_off_in_yaml_means_off_for_a_choice_that_has_it(tmp_path: Path) -> None:

@@ -119,6 +119,18 @@ def test_hash_384_vectors_stay_what_they_were() -> None:
     assert v[84] == pytest.approx(0.25766, abs=1e-5)
 
 
+def test_a_huge_batch_leaves_no_huge_table_behind() -> None:
+    """The server keeps its hashing tables between requests, but only up to a size:
+    one request of megabytes must not pin megabytes for the server's life."""
+    import stages.hash_model as hash_model
+
+    embed_texts(["a usual chunk"])  # kept: the tables later requests reuse
+    huge = ["word " * 400_000]  # 2 MB of text: tables of 16 MB each
+    assert np.array_equal(embed_texts(huge), embed_texts(huge))
+    kept = hash_model._POWERS.values()
+    assert kept and all(table.size <= hash_model._KEPT for table in kept)
+
+
 def test_embeddings_are_the_same_in_another_process() -> None:
     code = (
         "import sys; from stages.embed_server import embed_texts; "
