@@ -21,6 +21,7 @@ from typing import Any, cast
 from pipeline.config import PipelineConfig, load_config, ray_installed
 from pipeline.errors import ConfigError, FatalError, InUseError
 from pipeline.fusion import declared, fuse
+from pipeline.heap import keep_heap_pad
 from pipeline.outcome import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 from pipeline.stage import AsyncStage, QueryEmbedder, Searcher, Stage
 from pipeline.vector_space import check_space
@@ -400,6 +401,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The builtin server ships with the stages; the engine only starts it.
+    keep_heap_pad()  # its numpy temporaries would fault in fresh pages every request
     server = importlib.import_module("stages.embed_server")
     served = importlib.import_module("stages.served_model")
     model = served.HashModel()
