@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 from pipeline import registry
 from pipeline.errors import FatalError, InUseError, PermanentError, StageError, exit_reason
 from pipeline.pools import FusedWork, PoolBase, StageSpec, fused_failure, run_fused, within
+from pipeline.process_name import set_process_name
 from pipeline.stage import AsyncStage, Item, PoolKind, Stage
 from pipeline.vector_space import ModelRecord, Recorded
 
@@ -273,6 +274,7 @@ def _serve(
     # The engine decides when to stop (Ctrl-C and SIGTERM reach the whole group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    set_process_name(spec.name)
     asyncio.run(_Child(conn, spec, size, fused, sink=sink).serve())
 
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from pipeline.errors import PermanentError, exit_reason
 from pipeline.pools import PoolBase, StageSpec, build_chain, run_chain, timed_out
+from pipeline.process_name import set_process_name
 from pipeline.stage import Item, PoolKind, Stage, StageBase
 
 __all__ = ["ProcessPool"]
@@ -281,6 +282,7 @@ def _work(conn: Connection, chain: list[StageSpec], workers: int, memory_mb: int
     # Ctrl-C and SIGTERM reach the whole process group; the engine decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    set_process_name(f"{chain[0].name} worker")
     if memory_mb is not None:  # so a ballooning PDF fails alone
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

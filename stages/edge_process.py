@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import FatalError, exit_reason
+from pipeline.process_name import set_process_name
 
 __all__ = ["EdgeProcess"]
 
@@ -141,6 +142,7 @@ def _serve(conn: Connection, folder: Path, distance: str, flush_s: float) -> Non
     """The child: open the shard, then answer calls until close() or end-of-file."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    set_process_name("qdrant edge")
     from stages.qdrant_edge import EdgeEngine
 
     try:

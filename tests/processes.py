@@ -45,3 +45,8 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[0] != "Z"
+
+
+def name(pid: int) -> str:
+    """The process's name as `top` and `ps -o comm` show it (/proc/PID/comm)."""
+    return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")

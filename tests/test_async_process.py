@@ -26,7 +26,7 @@ from pipeline.stage import AsyncStage, Item, Stage
 from pipeline.vector_space import ModelRecord
 from stages.embed_server import EmbeddingServer
 from tests.fault_server import FaultServer
-from tests.processes import alive, descendants
+from tests.processes import alive, descendants, name
 from tests.stores import collection
 
 
@@ -149,6 +149,16 @@ async def test_calls_run_in_the_child_and_come_back_with_counts_and_notes() -> N
     assert busy.value.unavailable and busy.value.reason == "http_503"  # the error as raised
     assert p.stage.counts == {("calls", "ok"): 8, ("calls", "busy"): 1}
     assert p.notes() == ["8 calls went well"]  # the child's, as of its last reply
+
+
+async def test_the_child_is_named_after_its_stage_for_top_and_ps() -> None:
+    p = pool()
+    await p.open()
+    try:
+        (out,) = await p.run([Item("a", {})])
+        assert name(out.data["pid"]) == "marked"
+    finally:
+        await p.close()
 
 
 async def test_a_dying_child_fails_its_calls_and_the_next_call_gets_a_new_one() -> None:

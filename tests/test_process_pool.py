@@ -17,6 +17,7 @@ import pytest
 from pipeline.errors import PermanentError
 from pipeline.pools import Pool, open_pool
 from pipeline.stage import Item, Stage
+from tests.processes import name
 
 
 class Work(Stage):
@@ -169,5 +170,15 @@ async def test_a_task_too_big_for_the_pipe_waits_for_an_idle_worker() -> None:
         small = await p.run(task("small"))  # behind the big one, in order
         assert [out[0].doc for out in await asyncio.gather(busy, big)] == ["busy", "big"]
         assert small[0].doc == "small"
+    finally:
+        await p.close()
+
+
+async def test_a_worker_is_named_after_its_stage_for_top_and_ps() -> None:
+    p = pool()
+    await p.open()
+    try:
+        (out,) = await p.run(task("a"))
+        assert name(out.data["pid"]) == "work worker"
     finally:
         await p.close()

@@ -30,7 +30,7 @@ import pytest
 from pipeline.errors import FatalError, PermanentError, TransientError
 from pipeline.stage import Hit, Item, Searcher
 from stages.qdrant import Upsert, point_id
-from tests.processes import command, parents
+from tests.processes import command, name, parents
 
 ENGINES = ["edge", "qdrant-client"]
 DIM = 16
@@ -504,6 +504,16 @@ def test_an_edge_store_whose_process_died_stops_with_a_fatal_error(tmp_path: Pat
     finally:
         store.close()
     assert not _edge_children()
+
+
+def test_the_edge_process_is_named_for_top_and_ps(tmp_path: Path) -> None:
+    store = make(tmp_path, "edge")
+    store.open()
+    try:
+        (child,) = _edge_children()
+        assert name(child) == "qdrant edge"
+    finally:
+        store.close()
 
 
 def test_an_edge_store_opens_from_a_script_without_a_main_guard(tmp_path: Path) -> None:
