@@ -28,4 +28,5 @@ def set_process_name(name: str) -> bool:
     except (OSError, AttributeError):
         return False
     raw = name.encode("utf-8", "replace")[:_MAX_BYTES]
-    return prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0) == 0
+    result: int = prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
+    return result == 0
