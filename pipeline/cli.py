@@ -401,11 +401,12 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The builtin server ships with the stages; the engine only starts it.
-    keep_heap_pad()  # its numpy temporaries would fault in fresh pages every request
     server = importlib.import_module("stages.embed_server")
     served = importlib.import_module("stages.served_model")
     model = served.HashModel()
-    if args.model is not None:
+    if args.model is None:
+        keep_heap_pad()  # hash-384's numpy temporaries would fault in fresh pages per request
+    else:
         local = importlib.import_module("stages.local_model")
         try:
             model = served.SentenceModel(args.model, device=args.device, threads=args.threads)

@@ -8,7 +8,12 @@ page faults (bench/RESULTS.md section 17). A pad keeps that much free memory map
 at the top of each heap, so the same pages serve request after request. The cost is
 at most the pad per malloc arena, held only once used.
 
-Elsewhere (macOS, musl) there is no `mallopt`, and this does nothing.
+Setting any threshold stops glibc from adapting the others, so the mmap threshold
+is set too, to the largest glibc takes: otherwise it would stay at 128 KB, and every
+temporary above that would be mapped and unmapped per request (a batch of 512 texts
+faulted twice as many pages with the pad alone as with neither).
+
+Elsewhere (macOS, musl, Windows) there is no `mallopt`, and this does nothing.
 """
 
 from __future__ import annotations
@@ -18,14 +23,21 @@ import ctypes
 __all__ = ["PAD_BYTES", "keep_heap_pad"]
 
 PAD_BYTES = 16 << 20  # above a request's temporaries at the default batch sizes
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's most on 64-bit: larger blocks are mapped
 _M_TOP_PAD = -2  # malloc.h
+_M_MMAP_THRESHOLD = -3
 
 
 def keep_heap_pad(pad_bytes: int = PAD_BYTES) -> bool:
-    """Ask the allocator to keep `pad_bytes` free at the top of each heap; returns
-    whether it agreed (False where the C library has no `mallopt`)."""
+    """Ask the allocator to keep `pad_bytes` free at the top of each heap, and to
+    take blocks below `MMAP_THRESHOLD_BYTES` from the heap; returns whether it agreed
+    (False where the C library has no `mallopt`)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows wants a name
         return False
-    return bool(mallopt(_M_TOP_PAD, pad_bytes))
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    mapped = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    padded = mallopt(_M_TOP_PAD, pad_bytes)
+    return bool(mapped and padded)

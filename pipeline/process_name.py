@@ -1,32 +1,32 @@
-"""Name a child process after its work, where `top`, `htop` and `ps -o comm` look.
+"""Name a child process after its work, where `top`, `ps -o comm` and `pgrep` look.
 
 Every process of a run is `python` otherwise: the extraction workers, the
 embedder's process and the Edge store's look the same, and an operator (or
 bench.throughput, which reports CPU per process) cannot tell which one is busy.
-Linux keeps a 15-byte name per thread (`/proc/PID/comm`); the main thread's is the
-process's. Elsewhere this does nothing.
+Linux keeps a 15-byte name per process (`/proc/PID/comm`, which htop shows in its
+COMM column; its Command column stays the command line). Elsewhere this does nothing.
 """
 
 from __future__ import annotations
 
-import ctypes
-import sys
+from pathlib import Path
 
-__all__ = ["set_process_name"]
+__all__ = ["comm_name", "set_process_name"]
 
-_PR_SET_NAME = 15  # linux/prctl.h
 _MAX_BYTES = 15  # the kernel's TASK_COMM_LEN, less the terminating NUL
+_COMM = Path("/proc/self/comm")
+
+
+def comm_name(name: str) -> str:
+    """`name` as the kernel keeps it: its first 15 bytes of UTF-8, never half a
+    character (a cut character would make /proc/PID/comm undecodable)."""
+    return name.encode("utf-8")[:_MAX_BYTES].decode("utf-8", "ignore")
 
 
 def set_process_name(name: str) -> bool:
-    """Name the calling thread (the process, from its main thread) `name`, cut to 15
-    bytes; returns whether the system took it."""
-    if not sys.platform.startswith("linux"):
-        return False
+    """Name this process `comm_name(name)`; returns whether the system took it."""
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+        _COMM.write_text(comm_name(name), encoding="utf-8")
+    except OSError:  # not Linux
         return False
-    raw = name.encode("utf-8", "replace")[:_MAX_BYTES]
-    result: int = prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
-    return result == 0
+    return True

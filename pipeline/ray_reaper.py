@@ -41,7 +41,7 @@ def start_reaper() -> subprocess.Popen[bytes]:
 
 def _start_time(pid: int) -> str | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")  # comm may be any bytes
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks
@@ -53,7 +53,7 @@ def _parents() -> dict[int, int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            stat = (entry / "stat").read_text(errors="replace")
         except OSError:
             continue
         parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])

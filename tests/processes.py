@@ -12,7 +12,7 @@ def parents() -> dict[int, int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                stat = (entry / "stat").read_text(errors="replace").rsplit(")", 1)[1].split()
             except OSError:
                 continue
             found[int(entry.name)] = int(stat[1])
@@ -41,7 +41,7 @@ def command(pid: int) -> bytes:
 def alive(pid: int) -> bool:
     """Running, not gone and not a zombie waiting to be reaped."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace").rsplit(")", 1)[1].split()
     except OSError:
         return False
     return stat[0] != "Z"

@@ -151,6 +151,7 @@ async def test_calls_run_in_the_child_and_come_back_with_counts_and_notes() -> N
     assert p.notes() == ["8 calls went well"]  # the child's, as of its last reply
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 async def test_the_child_is_named_after_its_stage_for_top_and_ps() -> None:
     p = pool()
     await p.open()

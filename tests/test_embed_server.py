@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import platform
 import re
 import signal
 import socket
@@ -302,7 +303,7 @@ def _minor_faults(pid: int) -> int:
         return int(stat.read().rpartition(")")[2].split()[7])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; pads glibc's heap")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="reads /proc; pads glibc's heap")
 def test_serve_embeddings_reuses_its_heap_from_request_to_request() -> None:
     # Without the heap pad (pipeline.heap) glibc returns hash-384's freed numpy
     # temporaries to the kernel after every request, and the next request faults

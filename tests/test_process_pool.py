@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from typing import Any
 
@@ -174,6 +175,7 @@ async def test_a_task_too_big_for_the_pipe_waits_for_an_idle_worker() -> None:
         await p.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 async def test_a_worker_is_named_after_its_stage_for_top_and_ps() -> None:
     p = pool()
     await p.open()

@@ -506,6 +506,7 @@ def test_an_edge_store_whose_process_died_stops_with_a_fatal_error(tmp_path: Pat
     assert not _edge_children()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_edge_process_is_named_for_top_and_ps(tmp_path: Path) -> None:
     store = make(tmp_path, "edge")
     store.open()
