@@ -69,9 +69,12 @@ def embed_texts(texts: Sequence[str], *, dims: int = DIMS) -> npt.NDArray[np.flo
     grams = np.bincount(_signed_slots(*_gram_hashes(data, owner)), minlength=size)
     words = np.bincount(_signed_slots(*_word_hashes(data, owner, word)), minlength=size)
     # Signed hashing (noise cancels): a hash with its low bit set adds, one without
-    # subtracts. Counts times weights that are powers of two sum exactly, in any order.
-    signed = (_GRAM_WEIGHT * grams + _WORD_WEIGHT * words).reshape(count, DIMS, 2)
-    return _normalised((signed[:, :, 1] - signed[:, :, 0])[:, :dims])
+    # subtracts. Integer counts times weights that are powers of two: exact sums.
+    grams, words = grams.reshape(count, DIMS, 2), words.reshape(count, DIMS, 2)
+    sums = _GRAM_WEIGHT * (grams[:, :, 1] - grams[:, :, 0]) + _WORD_WEIGHT * (
+        words[:, :, 1] - words[:, :, 0]
+    )
+    return _normalised(sums[:, :dims])
 
 
 def _gram_hashes(
@@ -120,6 +123,9 @@ def _powers(base: np.uint64, size: int) -> npt.NDArray[np.uint64]:
 
 _KEPT = 1 << 20  # 8 MB a table: batches of up to ~1 MB of text
 _POWERS: dict[int, npt.NDArray[np.uint64]] = {}
+
+
+assert 2 * DIMS == 3 * 256, "_signed_slots splits 768 bins as 3 * 256"
 
 
 def _signed_slots(
