@@ -552,9 +552,14 @@ def _pipeline_result(
     chunks = max(1, int(report["chunks"]))
     # Process-pool workers name themselves "<stage> worker" (pipeline.process_name).
     workers = {comm_name(f"{s['name']} worker") for s in report["stages"] if s["pool"] == "process"}
-    worker_cpu = sum(
-        cpu for key, cpu in measured.cpu_by_process.items() if key.rpartition("[")[0] in workers
-    )
+    worker_cpu = 0.0
+    singles: dict[str, float] = {}  # a named process of which a run has one: embed, Edge
+    for key, cpu in measured.cpu_by_process.items():
+        name = key.rpartition("[")[0]
+        if name in workers:
+            worker_cpu += cpu
+        elif name != "python":  # the run itself (counted apart) and the forkserver
+            singles[name] = singles.get(name, 0.0) + cpu  # a restarted child adds up
     return {
         "kind": "pipeline",
         "options": asdict(opts),
@@ -571,6 +576,7 @@ def _pipeline_result(
         "cpu_s": measured.cpu_s,
         "main_cpu_s": measured.main_cpu_s,
         "worker_cpu_s": worker_cpu,
+        "single_cpu_s": singles,
         "main_ms_per_1000_chunks": 1e6 * measured.main_cpu_s / chunks,
         "embed_requests": requests,
         "embed_requests_least": -(-chunks // batch),
@@ -718,6 +724,18 @@ def _print_pipeline(r: dict[str, Any]) -> None:
         f"of cores); embedding requests {r['embed_requests']} for at least "
         f"{r['embed_requests_least']} ({r['embed_requests'] / r['embed_requests_least']:.2f}x)"
     )
+    if r["single_cpu_s"]:
+        per_chunk = {
+            name: 1e6 * cpu / max(1, r["chunks"]) for name, cpu in r["single_cpu_s"].items()
+        }
+        print(
+            "  processes the run has one of, each a ceiling like the main process: "
+            + ", ".join(
+                f"{name} {us:.0f} us a chunk (at most {1e6 / us if us else float('inf'):,.0f}"
+                " chunks/s)"
+                for name, us in per_chunk.items()
+            )
+        )
     for s in r["stages"]:
         full, host = s.get("queue_full_share"), s.get("fused_into")
         where = ""
